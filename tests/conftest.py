@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny image folders made on the spot, and the real CIFAR-10 unpacked once per session."""
+import os, subprocess, sys, tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+CLASSES = [f'c{i}' for i in range(10)]
+ARCHIVE = Path(os.environ.get('CIFAR10_TGZ', ROOT.parent / 'shared' / 'data' / 'cifar10-jpg.tgz'))
+
+
+def make_folder(root, n_train=6, n_test=2, classes=CLASSES, seed=0):
+    "A CIFAR-layout folder of 32×32 images whose mean colour depends on the class; PNG and JPEG mixed."
+    rng = np.random.default_rng(seed)
+    for split, n in (('train', n_train), ('test', n_test)):
+        for c, name in enumerate(classes):
+            d = root / split / name
+            d.mkdir(parents=True)
+            base = np.array([(c * 25) % 256, (c * 80) % 256, 255 - c * 25], dtype=float)
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f'{i:04d}.{"png" if i % 2 else "jpg"}')
+    return root
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    "A fresh tiny CIFAR-layout folder: 10 classes, 6 train and 2 test images each."
+    return make_folder(tmp_path / 'tiny')
+
+
+@pytest.fixture(scope='session')
+def cifar10(tmp_path_factory):
+    "The real CIFAR-10 (JPEG copy) from ../shared, unpacked once per test session."
+    if not ARCHIVE.exists(): pytest.skip(f'{ARCHIVE} not found (set CIFAR10_TGZ)')
+    dest = tmp_path_factory.mktemp('cifar')
+    with tarfile.open(ARCHIVE) as tf: tf.extractall(dest, filter='data')
+    return dest / 'cifar10'
+
+
+def run_script(*args, timeout=600):
+    "Run a script of the suite as a user would, in a fresh process; returns the CompletedProcess."
+    env = {**os.environ, 'PYTHONWARNINGS': 'ignore::FutureWarning'}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
