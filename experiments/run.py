@@ -1,0 +1,131 @@
+"""Train the assignment's custom ResNet on CIFAR-10: lr_find → LRMIN, LRMAX → 24-epoch one-cycle → a run folder."""
+import json, os, platform, random, subprocess, sys, time
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python experiments/run.py` works from anywhere, installed or not
+
+import torch
+import fastai, fastcore
+from fastcore.script import call_parse
+from fastai.torch_core import default_device, set_seed
+
+from arch import write_summary
+from cli import UsageError, user_errors
+from data import cifar_dls
+from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
+from train import ETA, PEAK, RunLog, cifar_learner, find_lrs, fit_assignment, plain_console
+
+
+def check_flags(epochs, bs, subset, lr_min, lr_max, find_iters, **_):
+    "Reject impossible flags before anything is created."
+    if epochs < 1: raise UsageError(f'--epochs must be at least 1, got {epochs}')
+    if bs < 1: raise UsageError(f'--bs must be at least 1, got {bs}')
+    if subset is not None and subset < 1: raise UsageError(f'--subset must be positive, got {subset}')
+    if find_iters < 6: raise UsageError(f'--find-iters must be at least 6, got {find_iters}')
+    if (lr_min is None) != (lr_max is None): raise UsageError('give both --lr-min and --lr-max, or neither (lr_find then picks them)')
+    for name, lr in (('--lr-min', lr_min), ('--lr-max', lr_max)):
+        if lr is not None and not lr > 0: raise UsageError(f'{name} must be positive, got {lr}')
+    if lr_min is not None and lr_min >= lr_max: raise UsageError(f'--lr-min ({lr_min}) must be below --lr-max ({lr_max})')
+
+
+def pick_device(device):
+    "The torch device to train on, or a usage error that says why it can't be used."
+    if device is None: return default_device()
+    try: dev = torch.device(device)
+    except RuntimeError: raise UsageError(f'--device {device!r} is not a torch device (try cuda or cpu)') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available(): raise UsageError(f'--device {device}: no CUDA GPU is available')
+    return dev
+
+
+def check_out(out):
+    "The run folder to create (default runs/<timestamp>), checked before any work: an existing run is never overwritten."
+    out = Path(out) if out else ROOT / 'runs' / datetime.now().strftime('%Y%m%d-%H%M%S')
+    if out.exists() and not out.is_dir(): raise UsageError(f'--out {out} is a file, not a folder')
+    if out.is_dir() and any(out.iterdir()): raise UsageError(f'--out {out} is not empty; choose a new folder')
+    parent = next(p for p in [out, *out.parents] if p.exists())
+    if not os.access(parent, os.W_OK): raise UsageError(f'--out {out}: {parent} is not writable')
+    return out
+
+
+def git_commit():
+    "The checkout's commit, with '-dirty' when it has uncommitted changes; None outside git."
+    try:
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return head + ('-dirty' if dirty else '')
+    except (OSError, subprocess.CalledProcessError): return None
+
+
+def run(**flags):
+    "The whole run; flags as in `main`."
+    check_flags(**flags)
+    t_start = time.perf_counter()
+    dev = pick_device(flags['device'])
+    out = check_out(flags['out'])
+    seed = flags['seed'] if flags['seed'] is not None else random.SystemRandom().randrange(2 ** 31)
+    set_seed(seed, reproducible=True)
+    t = time.perf_counter()
+    dls = cifar_dls(flags['data'], bs=flags['bs'], subset=flags['subset'], device=dev, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data leaves nothing behind
+    config = dict(flags, out=str(out), seed=seed, device=str(dev),
+                  device_name=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu',
+                  versions=dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
+                                fastcore=fastcore.__version__),
+                  torch_threads=torch.get_num_threads(), git_commit=git_commit(), command=' '.join(sys.argv),
+                  started=datetime.now().isoformat(timespec='seconds'),
+                  n_train=len(dls.train_ds), n_test=len(dls.valid_ds), seconds=dict(data=round(time.perf_counter() - t, 2)))
+    save_json(out / 'config.json', config)
+    learn = cifar_learner(dls, path=out)
+    if not sys.stdout.isatty(): plain_console(learn)
+    write_summary(learn.model, out / 'summary.txt')
+
+    if flags['lr_max'] is None:
+        print(f'lr_find: {flags["find_iters"]} mock-training steps ...', flush=True)
+        found = find_lrs(learn, num_it=flags['find_iters'])
+        config['seconds']['lr_find'] = round(found.seconds, 2)
+        plot_lr_find(found, out / 'lr_find.png')
+        lr = found.to_json()
+        print('lr_find: ' + ', '.join(f'{k} {v:.3g}' for k, v in found.suggestions.items())
+              + f' -> LRMIN {found.lr_min:.3g}, LRMAX {found.lr_max:.3g} ({found.rule})', flush=True)
+    else:
+        lr = dict(suggestions=None, lr_min=flags['lr_min'], lr_max=flags['lr_max'], rule='given on the command line')
+    save_json(out / 'lr_find.json', lr)
+
+    t = time.perf_counter()
+    cbs = [RunLog(out)] + ([ETA()] if dev.type == 'cpu' else [])
+    fit_assignment(learn, flags['epochs'], lr['lr_min'], lr['lr_max'], cbs=cbs)
+    config['seconds']['train'] = round(time.perf_counter() - t, 2)
+    torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
+
+    plot_schedule(read_csv(out / 'schedule.csv'), out / 'schedule.png', lr['lr_min'], lr['lr_max'], PEAK * flags['epochs'])
+    plot_curves(read_csv(out / 'metrics.csv'), out / 'curves.png')
+    config['seconds']['total'] = round(time.perf_counter() - t_start, 2)
+    save_json(out / 'config.json', config)
+    write_report(out, config, lr)
+    last = read_csv(out / 'metrics.csv')[-1]
+    print(f'test accuracy {100 * last["test_acc"]:.2f}% after {flags["epochs"]} epochs; run folder {out}')
+    return out
+
+
+def save_json(path, obj): Path(path).write_text(json.dumps(obj, indent=2, default=str) + '\n')
+
+
+# Last in the file: when run as a script, `call_parse` calls `main` as soon as it is decorated.
+@call_parse
+def main(epochs: int = 24,       # training epochs; the LR peaks after 5/24 of them
+         bs: int = 512,          # batch size
+         data: str = None,       # CIFAR folder with train/ and test/ (default: $CIFAR10_DIR, else download)
+         out: str = None,        # run folder (default: runs/<timestamp>)
+         seed: int = None,       # random seed (default: drawn at random and recorded in config.json)
+         subset: int = None,     # train on N class-balanced images and test on N//5, for quick CPU runs
+         lr_min: float = None,   # LRMIN, the schedule's start and end; with --lr-max it skips the finder
+         lr_max: float = None,   # LRMAX, the schedule's peak
+         device: str = None,     # torch device, e.g. cuda, cuda:1, cpu (default: the GPU if there is one)
+         find_iters: int = 100,  # lr_find's mock-training steps
+         ):
+    "Train the custom ResNet on CIFAR-10 with lr_find and the assignment's one-cycle, and explain it in a run folder."
+    with user_errors('run.py'):
+        return run(epochs=epochs, bs=bs, data=data, out=out, seed=seed, subset=subset, lr_min=lr_min,
+                   lr_max=lr_max, device=device, find_iters=find_iters)

@@ -1,0 +1,109 @@
+"""A run folder's figures and its report.md, drawn headless from the files the run wrote."""
+import csv
+from pathlib import Path
+
+from matplotlib.figure import Figure  # no pyplot: no display, no global backend, nothing to close
+
+__all__ = ['read_csv', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report']
+
+DPI = 100
+
+
+def read_csv(path):
+    "Rows of a csv file as dicts of floats."
+    with open(path, newline='') as fh: return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return Path(path)
+
+
+def plot_lr_find(found, path):
+    "The finder's loss against LR, with fastai's four suggestions and the chosen LRMIN and LRMAX marked."
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    lrs, losses = found.lrs[:-5] or found.lrs, found.losses[:-5] or found.losses  # fastai's skip_end=5
+    ax.plot(lrs, losses, color='tab:blue')
+    for (name, lr), m in zip(found.suggestions.items(), 'ov^s'):
+        if lr != lr: continue  # NaN: the curve was too short for this suggestion
+        ax.plot([lr], [_interp(lr, lrs, losses)], m, ms=8, label=f'{name} {lr:.2e}')
+    ax.axvline(found.lr_min, color='tab:green', ls='--', label=f'LRMIN {found.lr_min:.2e}')
+    ax.axvline(found.lr_max, color='tab:red', ls='--', label=f'LRMAX {found.lr_max:.2e}')
+    ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed training loss', title=f'lr_find ({found.rule})')
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _interp(x, xs, ys):
+    "The value of the curve (xs, ys) at the first xs ≥ x; the marker then sits on the drawn line."
+    return next((y for xi, y in zip(xs, ys) if xi >= x), ys[-1] if ys else float('nan'))
+
+
+def plot_schedule(rows, path, lr_min, lr_max, peak_epoch):
+    "The one-cycle LR per step against epochs, with the peak epoch, LRMIN and LRMAX marked."
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    ax.plot([r['epoch'] for r in rows], [r['lr'] for r in rows], color='tab:blue', label='LR per step')
+    ax.axvline(peak_epoch, color='grey', ls=':', label=f'peak at epoch {peak_epoch:g}')
+    ax.axhline(lr_max, color='tab:red', ls='--', lw=0.8, label=f'LRMAX {lr_max:.3g}')
+    ax.axhline(lr_min, color='tab:green', ls='--', lw=0.8, label=f'LRMIN {lr_min:.3g}')
+    ax.set(xlabel='epoch', ylabel='learning rate', title='one-cycle schedule (no annihilation)')
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_curves(rows, path):
+    "Train and test loss and accuracy per epoch, side by side."
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    ep = [r['epoch'] for r in rows]
+    for split, style in (('train', '-o'), ('test', '-s')):
+        ax_loss.plot(ep, [r[f'{split}_loss'] for r in rows], style, ms=3, label=split)
+        ax_acc.plot(ep, [100 * r[f'{split}_acc'] for r in rows], style, ms=3, label=split)
+    ax_loss.set(xlabel='epoch', ylabel='loss', title='loss')
+    ax_acc.set(xlabel='epoch', ylabel='accuracy (%)', title='accuracy')
+    for ax in (ax_loss, ax_acc): ax.legend(); ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def write_report(folder, config, found, sections=()):
+    "Write report.md: the headline numbers, then every figure of the run folder, then any extra `sections`."
+    folder = Path(folder)
+    rows = read_csv(folder / 'metrics.csv') if (folder / 'metrics.csv').exists() else []
+    last = rows[-1] if rows else {}
+    best = max(rows, key=lambda r: r['test_acc']) if rows else {}
+    lines = [f"# Run {folder.name}", '',
+             f"custom ResNet on CIFAR-10, {config['epochs']} epochs at batch {config['bs']}"
+             + (f", subset {config['subset']}" if config.get('subset') else '')
+             + f", on {config['device_name']}.", '',
+             '| | |', '|---|---|']
+    if rows:
+        lines += [f"| final test accuracy | **{100 * last['test_acc']:.2f}%** (epoch {last['epoch']:.0f}) |",
+                  f"| best test accuracy | {100 * best['test_acc']:.2f}% (epoch {best['epoch']:.0f}) |",
+                  f"| final train accuracy | {100 * last['train_acc']:.2f}% |",
+                  f"| training time | {sum(r['seconds'] for r in rows):.1f} s ({len(rows)} epochs) |"]
+    lines += [f"| LRMIN, LRMAX | {found['lr_min']:.3g}, {found['lr_max']:.3g} ({found.get('rule', 'given')}) |",
+              f"| seed | {config['seed']} |", f"| git commit | `{config['git_commit']}` |", '']
+    if found.get('suggestions'):
+        lines += ['## Learning-rate finder', '', '| suggestion | LR |', '|---|---|']
+        lines += [f'| {k} | {"n/a (curve too short)" if v is None else f"{v:.3g}"} |' for k, v in found['suggestions'].items()]
+        lines += ['', '![lr_find](lr_find.png)', '']
+    lines += ['## Schedule', '', '![schedule](schedule.png)', '', '## Curves', '', '![curves](curves.png)', '']
+    if rows:
+        lines += ['## Epochs', '', '| ' + ' | '.join(rows[0]) + ' |', '|' + '---|' * len(rows[0])]
+        lines += ['| ' + ' | '.join(_fmt(k, v) for k, v in r.items()) + ' |' for r in rows]
+        lines += ['']
+    for s in sections: lines += [s, '']
+    lines += ['## Files', '', '`metrics.csv`, `schedule.csv`, `lr_find.json`, `config.json`, `summary.txt`, '
+              '`model.pth` (a `custom_resnet()` state_dict).', '']
+    (folder / 'report.md').write_text('\n'.join(lines))
+    return folder / 'report.md'
+
+
+def _fmt(k, v):
+    if k == 'epoch': return f'{v:.0f}'
+    if k.endswith('acc'): return f'{100 * v:.2f}%'
+    if k == 'lr': return f'{v:.4g}'
+    return f'{v:.4f}' if k.endswith('loss') else f'{v:.1f}'

@@ -1,0 +1,81 @@
+"""experiments/run.py end to end, as a user runs it: every file of the run folder, and one-line errors."""
+import csv, json
+
+import pytest
+import torch
+from PIL import Image
+
+from arch import custom_resnet
+from conftest import run_script
+
+FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
+         'summary.txt', 'config.json', 'report.md']
+
+
+def check_run_folder(out, epochs, finder=True):
+    "Every file of a finished run folder is there and says what it should."
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    for png in out.glob('*.png'):
+        w, h = Image.open(png).size
+        assert w >= 200 and h >= 150, png
+    with open(out / 'metrics.csv') as fh: rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ['epoch', 'lr', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds']
+    assert [int(r['epoch']) for r in rows] == list(range(1, epochs + 1))
+    lr = json.loads((out / 'lr_find.json').read_text())
+    if finder: assert set(lr['suggestions']) == {'minimum', 'steep', 'valley', 'slide'}
+    with open(out / 'schedule.csv') as fh: sched = [float(r['lr']) for r in csv.DictReader(fh)]
+    assert sched[0] == pytest.approx(lr['lr_min']) and min(sched) >= lr['lr_min'] * (1 - 1e-9)
+    assert max(sched) <= lr['lr_max'] * (1 + 1e-9) and sched[-1] < max(sched)
+    custom_resnet().load_state_dict(torch.load(out / 'model.pth'))
+    config = json.loads((out / 'config.json').read_text())
+    assert {'epochs', 'bs', 'seed', 'device', 'versions', 'git_commit', 'seconds'} <= set(config)
+    assert {'data', 'train', 'total'} <= set(config['seconds'])
+    report = (out / 'report.md').read_text()
+    assert all(f'({p.name})' in report for p in out.glob('*.png'))
+    assert 'Total params: 6,573,120' in (out / 'summary.txt').read_text()
+    return rows, config
+
+
+def test_run_on_a_tiny_folder_leaves_every_file(tiny, tmp_path):
+    out = tmp_path / 'run'
+    r = run_script('experiments/run.py', '--data', tiny, '--epochs', 2, '--bs', 10, '--out', out,
+                   '--find-iters', 12, '--seed', 1)
+    assert r.returncode == 0, r.stderr
+    rows, config = check_run_folder(out, 2)
+    assert config['seed'] == 1 and config['n_train'] == 60
+    assert 'lr_find:' in r.stdout and 'ETA:' in r.stdout and 'test accuracy' in r.stdout
+    assert 'epoch' in r.stdout and '█' not in r.stdout  # fastai's table, without bars in a log
+
+
+def test_run_on_a_subset_of_real_cifar(cifar10, tmp_path):
+    out = tmp_path / 'run'
+    r = run_script('experiments/run.py', '--data', cifar10, '--epochs', 2, '--subset', 100, '--bs', 20,
+                   '--out', out, '--find-iters', 12)
+    assert r.returncode == 0, r.stderr
+    rows, config = check_run_folder(out, 2)
+    assert (config['n_train'], config['n_test']) == (100, 20)
+
+
+def test_given_lrs_skip_the_finder(tiny, tmp_path):
+    out = tmp_path / 'run'
+    r = run_script('experiments/run.py', '--data', tiny, '--epochs', 1, '--bs', 20, '--out', out,
+                   '--lr-min', 0.01, '--lr-max', 0.1)
+    assert r.returncode == 0, r.stderr
+    assert 'lr_find:' not in r.stdout
+    lr = json.loads((out / 'lr_find.json').read_text())
+    assert (lr['lr_min'], lr['lr_max'], lr['suggestions']) == (0.01, 0.1, None)
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--data', '/no/such/folder'], 'data folder /no/such/folder does not exist'),
+    (['--epochs', '0'], '--epochs must be at least 1'),
+    (['--lr-min', '0.1', '--lr-max', '0.01'], 'must be below --lr-max'),
+    (['--lr-min', '0.1'], 'give both --lr-min and --lr-max'),
+])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message):
+    out = tmp_path / 'run'
+    r = run_script('experiments/run.py', *args, '--out', out)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f'run.py: error: {r.stderr.strip().split("error: ", 1)[1]}']
+    assert message in r.stderr and 'Traceback' not in r.stderr
+    assert not out.exists()

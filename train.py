@@ -1,0 +1,237 @@
+"""Training on top of fastai: the learner, the finder's LRMIN/LRMAX rule, the assignment's one-cycle, and run logs."""
+import csv, random, tempfile, time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from fastai.callback.progress import ProgressCallback
+from fastai.callback.schedule import minimum, slide, steep, valley
+from fastai.learner import Learner, Recorder
+from fastai.losses import CrossEntropyLossFlat
+from fastai.metrics import accuracy
+from fastai.optimizer import OptimWrapper
+
+from arch import custom_resnet
+from cli import UsageError
+
+__all__ = ['PEAK', 'ScaledCrossEntropy', 'cifar_learner', 'LRFind', 'FinderError', 'find_lrs', 'choose_lrs',
+           'suggest', 'one_cycle_kwargs', 'fit_assignment', 'RunLog', 'ETA', 'plain_console']
+
+PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all training steps
+
+
+class ScaledCrossEntropy(CrossEntropyLossFlat):
+    "Cross-entropy on `scale × logits`: cifar10-fast's Mul(0.125), kept in the loss so the network stays exact."
+    def __init__(self, scale=0.125, label_smoothing=0., **kwargs):
+        super().__init__(label_smoothing=label_smoothing, **kwargs)
+        self.scale = scale
+
+    def __call__(self, inp, targ, **kwargs): return super().__call__(inp * self.scale, targ, **kwargs)
+    def activation(self, x): return F.softmax(x * self.scale, dim=-1)  # the assignment's SoftMax, as trained
+
+
+def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_smoothing=0., path='.', cbs=None):
+    "A fastai `Learner` for `custom_resnet` with the cifar10-fast optimizer: SGD, Nesterov momentum, L2 weight decay."
+    # cifar10-fast (Page, 2018) reached 94% in 24 epochs on this network with exactly this optimizer:
+    # torch SGD, Nesterov momentum 0.9 held constant, and L2 decay 5e-4 on every weight, BN included.
+    # fastai's own SGD has no Nesterov, so torch's is wrapped; `moms` pins fastai's momentum schedule flat.
+    opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=mom, nesterov=True)
+    learn = Learner(dls, model if model is not None else custom_resnet(len(dls.vocab)), opt_func=opt_func,
+                    loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=accuracy, wd=wd,
+                    moms=(mom, mom, mom), path=path, model_dir='.', cbs=cbs)
+    learn.recorder.train_metrics = True  # fastai's one Recorder, not a second one: that prints every line twice
+    return learn
+
+
+@dataclass
+class LRFind:
+    "What `find_lrs` found: fastai's four suggestions, the chosen LRMIN and LRMAX, and the finder's curve."
+    suggestions: dict
+    lr_min: float
+    lr_max: float
+    rule: str
+    lrs: list = field(repr=False, default_factory=list)
+    losses: list = field(repr=False, default_factory=list)
+    seconds: float = 0.
+
+    def to_json(self):
+        "The json-safe summary (no curve; a suggestion the curve could not give is null)."
+        sugg = {k: v if _ok(v) else None for k, v in self.suggestions.items()}
+        return dict(suggestions=sugg, lr_min=self.lr_min, lr_max=self.lr_max, rule=self.rule, seconds=self.seconds)
+
+
+def choose_lrs(sugg):
+    "LRMIN, LRMAX and the rule's wording, from fastai's four suggestions (minimum, steep, valley, slide)."
+    # LRMAX = slide: the largest LR before the loss turns up (0.21 on CIFAR-10 at batch 512, where
+    # cifar10-fast's proven peak is 0.4). LRMIN = valley: where the loss starts its long descent (0.0063),
+    # so the run starts and ends at an LR that trains, 33x below the peak. See README, "Choosing LRMIN and LRMAX".
+    lr_max, why_max = (sugg['slide'], 'slide') if _ok(sugg['slide']) else (sugg['minimum'], 'minimum (no slide)')
+    if _ok(sugg['valley']) and sugg['valley'] < lr_max: lr_min, why_min = sugg['valley'], 'valley'
+    else: lr_min, why_min = lr_max / 25, 'LRMAX/25 (valley not below LRMAX)'  # fastai's default div
+    return lr_min, lr_max, f'LRMIN = {why_min}, LRMAX = {why_max}'
+
+
+def _ok(lr): return lr == lr and 0 < lr < float('inf')  # positive and not NaN
+
+
+SUGGESTIONS = {f.__name__: f for f in (minimum, steep, valley, slide)}  # fastai's four, by name
+
+
+def suggest(lrs, losses, num_it):
+    "fastai's four suggestions for a finder curve, each NaN where the curve is too short or too flat for it."
+    # Learner.lr_find's own trimming (the first tenth, the last 5 points, anything after a NaN). We call the
+    # functions ourselves because lr_find fails outright when one does: `slide` needs 16 points.
+    lrs, losses = torch.tensor(lrs[num_it // 10:-5]), torch.tensor(losses[num_it // 10:-5])
+    nan = torch.isnan(losses).nonzero()
+    if len(nan): lrs, losses = lrs[:nan[0, 0]], losses[:nan[0, 0]]
+    out = {}
+    for name, f in SUGGESTIONS.items():
+        try: out[name] = float(f(lrs, losses, num_it)[0])
+        except (IndexError, ValueError, RuntimeError): out[name] = float('nan')
+    return out
+
+
+def _rng_state(learn):
+    "Every random stream a fit draws from: Python, NumPy, torch (CPU and CUDA) and each DataLoader's own."
+    return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            [dl.rng.getstate() for dl in learn.dls.loaders])
+
+
+def _set_rng_state(learn, state):
+    py, npy, cpu, cuda, dls = state
+    random.setstate(py); np.random.set_state(npy); torch.set_rng_state(cpu)
+    if cuda is not None: torch.cuda.set_rng_state_all(cuda)
+    for dl, s in zip(learn.dls.loaders, dls): dl.rng.setstate(s)
+
+
+def find_lrs(learn, num_it=100, start_lr=1e-7, end_lr=10, rule=choose_lrs):
+    "Run fastai's `lr_find`, pick LRMIN and LRMAX with `rule`, and leave `learn` exactly as it was before."
+    # fastai restores the weights itself, but not the optimizer's absence, the recorder or the random
+    # streams, and its optimizer state has leaked into later fits before (fastai #3013, #2892).
+    weights = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
+    rng, opt, path = _rng_state(learn), learn.opt, learn.path
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:  # lr_find saves a snapshot under learn.path
+            learn.path = Path(tmp)
+            learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it, show_plot=False, suggest_funcs=None)
+        lrs, losses = [float(v) for v in learn.recorder.lrs], [float(v) for v in learn.recorder.losses]
+    finally:
+        learn.path, learn.opt = path, opt
+        learn.model.load_state_dict(weights)
+        _set_rng_state(learn, rng)
+        learn.recorder.lrs, learn.recorder.losses, learn.recorder.values, learn.recorder.iters = [], [], [], []
+    sugg = suggest(lrs, losses, num_it)
+    lr_min, lr_max, why = rule(sugg)
+    if not (_ok(lr_min) and _ok(lr_max)):
+        raise FinderError(f'lr_find could not choose LRs from its curve ({_fmt(sugg)}); pass --lr-min and '
+                          '--lr-max, or give the finder more steps (--find-iters) or more data (--subset)')
+    return LRFind(sugg, float(lr_min), float(lr_max), why, lrs, losses, time.perf_counter() - start)
+
+
+class FinderError(UsageError):
+    "The finder's curve was too short or too flat to choose LRMIN and LRMAX from."
+
+
+def _fmt(sugg): return ', '.join(f'{k} {v:.3g}' for k, v in sugg.items())
+
+
+def one_cycle_kwargs(lr_min, lr_max, pct_start=PEAK):
+    "`fit_one_cycle` arguments for the assignment's schedule: LRMIN → LRMAX at `pct_start` → LRMIN, never lower."
+    # `div_final` divides lr_max, so div_final = div ends exactly at LRMIN; the design note's div_final=1
+    # would hold the LR at LRMAX for the whole second phase (FASTAI_NOTES.md).
+    return dict(lr_max=lr_max, div=lr_max / lr_min, div_final=lr_max / lr_min, pct_start=pct_start)
+
+
+def fit_assignment(learn, epochs, lr_min, lr_max, cbs=None, **kwargs):
+    "Train with fastai's `fit_one_cycle` on the assignment's schedule."
+    learn.fit_one_cycle(epochs, cbs=cbs, **one_cycle_kwargs(lr_min, lr_max), **kwargs)
+
+
+class RunLog(Callback):
+    "Appends metrics.csv (an epoch a row) and schedule.csv (a step a row) as training goes, and adds LR to fastai's table."
+    order = Recorder.order + 1  # after the Recorder has filled its log for the epoch
+    METRICS = ('epoch', 'lr', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds')
+
+    def __init__(self, folder): self.folder = Path(folder)
+
+    def before_fit(self):
+        self.recorder.metric_names.insert(1, 'lr')
+        self.rows = []
+
+    def before_epoch(self): self.start, self.rows = time.perf_counter(), []
+
+    def after_batch(self):
+        if not self.training: return
+        step = self.epoch * self.n_iter + self.iter
+        self.rows.append((step, round(step / self.n_iter, 6), self.opt.hypers[-1]['lr']))
+
+    def after_validate(self):
+        # The row reads like the assignment's log: epochs count from 1, with the LR the epoch started at
+        # (epoch 1 shows LRMIN; the peak, LRMAX, is where epoch 6 of 24 starts).
+        log = self.recorder.log
+        log[0] = self.epoch + 1
+        log.insert(1, self.rows[0][2] if self.rows else float('nan'))
+
+    def after_epoch(self):
+        log = self.recorder.log
+        self._append('schedule.csv', ('step', 'epoch', 'lr'), self.rows)
+        self._append('metrics.csv', self.METRICS, [(*log[:6], round(time.perf_counter() - self.start, 3))])
+
+    def _append(self, name, header, rows):
+        f = self.folder / name
+        new = not f.exists()
+        with open(f, 'a', newline='') as fh:
+            w = csv.writer(fh)
+            if new: w.writerow(header)
+            w.writerows(rows)
+
+
+class ETA(Callback):
+    "Prints the run's expected duration after its first timed batches, and suggests --subset when that is hours."
+    order, run_valid = 70, False
+
+    def __init__(self, timed=5, hint='for a quick CPU run, try --subset 5000'): self.timed, self.hint = timed, hint
+
+    def before_fit(self): self.done = False
+
+    def after_batch(self):
+        if self.done: return
+        if self.iter == 0: self.t0 = time.perf_counter(); return  # the first batch is warm-up
+        if self.iter < self.timed and self.iter < self.n_iter - 1: return
+        per_batch = (time.perf_counter() - self.t0) / self.iter
+        # Validation runs forward only: about a third of a training batch.
+        secs = per_batch * (len(self.dls.train) + len(self.dls.valid) / 3) * (self.n_epoch - self.epoch)
+        msg = f'ETA: about {_hms(secs)} for {self.n_epoch - self.epoch} epoch(s), {per_batch:.2f} s a batch'
+        if secs > 3600: msg += f'; {self.hint}'
+        print(msg, flush=True)
+        self.done = True
+
+
+def _hms(secs):
+    h, m = divmod(round(secs / 60), 60)
+    return f'{h} h {m} min' if h else f'{m} min' if m else f'{round(secs)} s'
+
+
+def plain_console(learn):
+    "Keep fastai's epoch table but drop its progress bars, for logs: fastprogress 1.0 draws bars even into files."
+    learn.remove_cb(ProgressCallback)
+    learn.logger = _TableRows(learn)
+
+
+class _TableRows:
+    "fastai's console table without a progress bar: a header at the start of each fit, then a row an epoch."
+    def __init__(self, learn): self.learn, self.names = learn, None
+
+    def __call__(self, log):
+        names = list(self.learn.recorder.metric_names)
+        if names != self.names:
+            self.names = names
+            print('  '.join(f'{n:<8}' for n in names), flush=True)
+        cells = [f'{v:.6f}' if isinstance(v, float) else str(v) for v in log]
+        print('  '.join(f'{c:<{max(8, len(n))}}' for c, n in zip(cells, names)), flush=True)
