@@ -141,17 +141,16 @@ class ArrayDL(TfmdDL):
         self.rows = torch.as_tensor(list(dataset.items), dtype=torch.long, device=images.device)
 
     def get_idxs(self):
-        "This epoch's order: a permutation seeded from the DataLoader's own `rng`, like fastai's shuffle."
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.rng.randint(0, 2 ** 63 - 1))
-            self._order = torch.randperm(self.n, generator=g)
-        else: self._order = torch.arange(self.n)
-        return self._order
+        "This epoch's order as one tensor: a permutation seeded from the DataLoader's own `rng`, like fastai's."
+        if not self.shuffle: return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.rng.randint(0, 2 ** 63 - 1)))
 
-    def sample(self): return self._order  # `DataLoader.__iter__` calls this right after `get_idxs`
+    # The whole order at once, not fastai's item-by-item generator over it. `__iter__` stores what `get_idxs`
+    # returned (or what get_preds swapped in for it) as the name-mangled `__idxs` that fastai's `sample` reads too.
+    def sample(self): return self._DataLoader__idxs
 
     def create_batches(self, order):
-        rows = self.rows[order.to(self.rows.device)]
+        rows = self.rows[torch.as_tensor(order, device=self.rows.device)]
         for b in rows.split(self.bs):
             if self.drop_last and len(b) < self.bs: return
             yield TensorImage(self.images[b]), TensorCategory(self.labels[b])
