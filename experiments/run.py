@@ -14,6 +14,7 @@ from fastai.torch_core import default_device, set_seed
 from arch import write_summary
 from cli import UsageError, user_errors
 from data import cifar_dls
+from interpret import interpret, most_confused, plot_confusion, plot_misclassified
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
 from train import ETA, PEAK, RunLog, cifar_learner, find_lrs, fit_assignment, plain_console
 
@@ -101,12 +102,25 @@ def run(**flags):
 
     plot_schedule(read_csv(out / 'schedule.csv'), out / 'schedule.png', lr['lr_min'], lr['lr_max'], PEAK * flags['epochs'])
     plot_curves(read_csv(out / 'metrics.csv'), out / 'curves.png')
+    interp = interpret(learn)
+    plot_misclassified(interp, out / 'misclassified.png')
+    plot_confusion(interp, out / 'confusion.png')
+    pairs = most_confused(interp.cm, list(interp.vocab))
     config['seconds']['total'] = round(time.perf_counter() - t_start, 2)
     save_json(out / 'config.json', config)
-    write_report(out, config, lr)
+    write_report(out, config, lr, [mistakes_section(pairs)])
     last = read_csv(out / 'metrics.csv')[-1]
     print(f'test accuracy {100 * last["test_acc"]:.2f}% after {flags["epochs"]} epochs; run folder {out}')
     return out
+
+
+def mistakes_section(pairs):
+    "report.md's section on what the model gets wrong."
+    lines = ['## Mistakes', '', 'The misclassified test images with the highest loss, then the confusion matrix. '
+             'Grad-CAM of the same mistakes: `python cams.py --n 10 --run <this folder>`.', '',
+             '![misclassified](misclassified.png)', '', '![confusion](confusion.png)', '',
+             '| true | predicted as | times |', '|---|---|---|']
+    return '\n'.join(lines + [f'| {t} | {p} | {n} |' for t, p, n in pairs])
 
 
 def save_json(path, obj): Path(path).write_text(json.dumps(obj, indent=2, default=str) + '\n')

@@ -9,7 +9,7 @@ from arch import custom_resnet
 from conftest import run_script
 
 FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
-         'summary.txt', 'config.json', 'report.md']
+         'summary.txt', 'config.json', 'report.md', 'misclassified.png', 'confusion.png']
 
 
 def check_run_folder(out, epochs, finder=True):

@@ -1,0 +1,188 @@
+"""Grad-CAM for the custom ResNet: `gradcam()` for notebooks, and `python cams.py --n 10` for a run's mistakes."""
+import json, re, sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastcore.script import call_parse, store_true
+from matplotlib.figure import Figure
+
+__all__ = ['gradcam', 'layer_of']
+
+ROOT = Path(__file__).resolve().parent
+
+
+def layer_of(model, name):
+    "The named block of `model` (prep, layer1, layer2, layer3, or any dotted submodule name)."
+    try: return model.get_submodule(name)
+    except AttributeError: return None
+
+
+def gradcam(model, x, layer, target=None):
+    "Grad-CAM maps (N×H×W in [0, 1], input resolution) of `target` classes, default the predicted ones, at `layer`."
+    acts = []
+    def keep(module, inp, out):
+        acts.append(out)
+        # Downstream in-place ops (a ReLU after a hooked BN) would overwrite `out`; the rest of the network
+        # gets a copy instead, so `out` stays the activation its gradient is taken against.
+        return out.clone()
+    was_training = model.training
+    handle = layer.register_forward_hook(keep)
+    try:
+        model.eval()
+        with torch.enable_grad():
+            logits = model(x)
+            target = logits.argmax(1) if target is None else torch.as_tensor(target, device=logits.device).expand(len(x))
+            score = logits.gather(1, target.view(-1, 1)).sum()  # samples are independent in eval mode
+            # autograd.grad, not backward(): a tensor-level gradient (as pytorch-grad-cam does with a tensor
+            # hook, since module backward hooks break on in-place ReLUs), and no .grad left on the weights.
+            (grads,) = torch.autograd.grad(score, acts[0])
+    finally:
+        handle.remove()
+        model.train(was_training)
+    a = acts[0].detach()
+    weights = grads.mean((2, 3), keepdim=True)          # the gradient averaged over H and W, per channel
+    cam = F.relu((weights * a).sum(1, keepdim=True))    # ReLU of the weighted sum of activations
+    cam = F.interpolate(cam, size=x.shape[-2:], mode='bilinear', align_corners=False)[:, 0]
+    lo, hi = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
+    # Scale after the ReLU and the upsampling; an all-zero map (no positive evidence) stays zero, not NaN.
+    return torch.where(hi > lo, (cam - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(cam))
+
+
+# ---- the command line: Grad-CAM for a run's highest-loss mistakes --------------------------------------------
+
+from arch import BLOCKS, custom_resnet  # noqa: E402  (below gradcam, which needs only torch)
+from cli import UsageError, user_errors  # noqa: E402
+from data import cifar_dls  # noqa: E402
+from interpret import denorm, interpret, top_misclassified  # noqa: E402
+from train import cifar_learner  # noqa: E402
+
+
+def find_run(run):
+    "The run folder to explain: `run`, or the newest folder under runs/ with a model."
+    if run is None:
+        runs = sorted((p for p in (ROOT / 'runs').glob('*') if (p / 'model.pth').exists()), key=lambda p: p.stat().st_mtime)
+        if not runs: raise UsageError(f'no finished runs under {ROOT / "runs"}; train one first, or pass --run DIR')
+        return runs[-1]
+    run = Path(run)
+    if not run.is_dir(): raise UsageError(f'--run {run} does not exist' if not run.exists() else f'--run {run} is not a folder')
+    for f in ('config.json', 'model.pth'):
+        if not (run / f).exists(): raise UsageError(f'run folder {run} has no {f}; did its training finish?')
+    return run
+
+
+def load_run(run, data=None, device=None):
+    "A Learner with the run's trained weights, over the run's own test images."
+    config = json.loads((run / 'config.json').read_text())
+    dls = cifar_dls(data or config.get('data'), bs=config.get('bs', 512), subset=config.get('subset'), device=device,
+                    verbose=False)
+    model = custom_resnet(len(dls.vocab))
+    try: model.load_state_dict(torch.load(run / 'model.pth', map_location='cpu'))
+    except (RuntimeError, OSError, EOFError) as e:
+        raise UsageError(f'{run / "model.pth"} is not a custom_resnet state_dict ({str(e).splitlines()[0]})') from None
+    learn = cifar_learner(dls, model.to(dls.device))
+    learn.remove_cb(learn.progress)  # a few seconds of prediction need no bar
+    return learn
+
+
+def _overlay(ax, img, cam, title):
+    ax.imshow(img, interpolation='nearest')
+    if cam is not None: ax.imshow(cam, cmap='jet', alpha=0.45, interpolation='nearest', vmin=0, vmax=1)
+    ax.set_title(title, fontsize=8)
+    ax.axis('off')
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path.name
+
+
+def draw(model, interp, idx, x, layer, out):
+    "One Grad-CAM figure per image (original, predicted-class CAM, true-class CAM) and gradcam.png with all."
+    vocab, t, p = interp.vocab, interp.targs[idx], interp.decoded[idx]
+    cam_p = gradcam(model, x, layer_of(model, layer), p.to(x.device)).cpu()
+    cam_t = gradcam(model, x, layer_of(model, layer), t.to(x.device)).cpu()
+    imgs, files = denorm(x), []
+    for k, i in enumerate(idx.tolist()):
+        prob = float(interp.preds[i, p[k]])
+        fig = Figure(figsize=(6.6, 2.6))
+        axs = fig.subplots(1, 3)
+        _overlay(axs[0], imgs[k], None, f'true {vocab[t[k]]}')
+        _overlay(axs[1], imgs[k], cam_p[k], f'CAM of predicted {vocab[p[k]]} ({prob:.2f})')
+        _overlay(axs[2], imgs[k], cam_t[k], f'CAM of true {vocab[t[k]]}')
+        fig.suptitle(f'test image {i}: {layer}', fontsize=9)
+        files.append(_save(fig, out / f'gradcam_{k + 1:02d}.png'))
+    n = len(idx)
+    fig = Figure(figsize=(1.9 * n + 0.8, 6.2))
+    axs = np.array(fig.subplots(3, n, squeeze=False))
+    for k in range(n):
+        prob = float(interp.preds[idx[k], p[k]])
+        _overlay(axs[0, k], imgs[k], None, f'true {vocab[t[k]]}')
+        _overlay(axs[1, k], imgs[k], cam_p[k], f'pred {vocab[p[k]]} ({prob:.2f})')
+        _overlay(axs[2, k], imgs[k], cam_t[k], f'CAM of {vocab[t[k]]}')
+    fig.suptitle(f'Grad-CAM at {layer}: rows are the image, the predicted class\'s map, the true class\'s map')
+    return files, _save(fig, out / 'gradcam.png')
+
+
+def compare_layers(model, interp, idx, x, out):
+    "The predicted class's Grad-CAM of the same images at every block, from 32×32 (prep) to 4×4 (layer3)."
+    p = interp.decoded[idx].to(x.device)
+    cams = {name: gradcam(model, x, layer_of(model, name), p).cpu() for name in BLOCKS}
+    imgs, n = denorm(x), len(idx)
+    fig = Figure(figsize=(1.9 * (len(BLOCKS) + 1), 1.9 * n + 0.6))
+    axs = np.array(fig.subplots(n, len(BLOCKS) + 1, squeeze=False))
+    for k in range(n):
+        _overlay(axs[k, 0], imgs[k], None, f'pred {interp.vocab[p[k]]}')
+        for j, name in enumerate(BLOCKS, 1):
+            _overlay(axs[k, j], imgs[k], cams[name][k], name)
+    fig.suptitle('Grad-CAM of the predicted class at each block (prep 32×32, layer1 16×16, layer2 8×8, layer3 4×4)', fontsize=9)
+    return _save(fig, out / 'gradcam_layers.png')
+
+
+def add_to_report(report, layer, files, grid, layers_png, note):
+    "Put the Grad-CAM section into report.md, replacing the one an earlier cams.py run wrote."
+    start, end = '<!-- cams.py -->', '<!-- /cams.py -->'
+    lines = [start, f'## Grad-CAM of the misclassified test images ({layer})', '', note, '', f'![gradcam]({grid})', '']
+    if layers_png: lines += ['### The same images at every block', '', f'![gradcam_layers]({layers_png})', '']
+    lines += [f'![{f[:-4]}]({f})' for f in files] + ['', end]
+    text = report.read_text() if report.exists() else ''
+    text = re.sub(f'\n?{re.escape(start)}.*?{re.escape(end)}\n?', '\n', text, flags=re.S).rstrip('\n')
+    report.write_text(text + '\n\n' + '\n'.join(lines) + '\n')
+
+
+def explain(run=None, n=10, layer='layer3', out=None, compare=False, data=None, device=None):
+    "Grad-CAM figures for a run's `n` highest-loss misclassified test images; returns the files written."
+    if n < 1: raise UsageError(f'--n must be at least 1, got {n}')
+    if layer not in BLOCKS: raise UsageError(f'--layer {layer!r} is not a block; choose one of {", ".join(BLOCKS)}')
+    run = find_run(run)
+    out = Path(out) if out else run
+    out.mkdir(parents=True, exist_ok=True)
+    learn = load_run(run, data, device)
+    interp = interpret(learn)
+    idx = top_misclassified(interp, n)
+    wrong = int((interp.decoded != interp.targs).sum())
+    note = f'The {len(idx)} misclassified test images with the highest loss, of {wrong} misclassified.'
+    if len(idx) < n: print(f'cams.py: only {len(idx)} misclassified test image(s); drawing {len(idx)} instead of {n}')
+    if not len(idx): return []
+    x = interp[idx][0]  # fastai's Interpretation re-runs just these images through the test pipeline
+    files, grid = draw(learn.model, interp, idx, x, layer, out)
+    layers_png = compare_layers(learn.model, interp, idx, x, out) if compare else None
+    add_to_report(out / 'report.md', layer, files, grid, layers_png, note)
+    print(f'cams.py: wrote {len(files)} Grad-CAM figures, {grid}' + (f', {layers_png}' if layers_png else '') + f' in {out}')
+    return [out / f for f in [*files, grid] + ([layers_png] if layers_png else [])]
+
+
+# Last in the file: when run as a script, `call_parse` calls `main` as soon as it is decorated.
+@call_parse
+def main(n: int = 10,                        # how many misclassified test images to explain
+         run: str = None,                    # run folder (default: the newest under runs/)
+         layer: str = 'layer3',              # block to explain: layer3 (4×4), layer2 (8×8), layer1 (16×16) or prep
+         out: str = None,                    # where the figures go (default: the run folder)
+         compare_layers: store_true = False, # also draw the same images at every block
+         data: str = None,                   # CIFAR folder, if not the one the run used
+         device: str = None):                # torch device (default: the GPU if there is one)
+    "Draw Grad-CAM for the misclassified test images of a training run."
+    with user_errors('cams.py'):
+        explain(run, n, layer, out, compare_layers, data, device)
