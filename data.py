@@ -16,7 +16,7 @@ from fastai.vision.core import cifar_stats
 from augment import Cutout, LeanNormalize, PadCropFlip
 from cli import UsageError
 
-__all__ = ['DataError', 'IMAGE_EXTS', 'resolve_path', 'load_arrays', 'balanced_subset', 'ArrayDL',
+__all__ = ['DataError', 'IMAGE_EXTS', 'resolve_path', 'scan_folder', 'load_arrays', 'balanced_subset', 'ArrayDL',
            'array_block', 'cifar_dls']
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
@@ -37,7 +37,7 @@ def resolve_path(path=None):
                         'pass --data DIR, a folder with train/ and test/, or set CIFAR10_DIR') from None
 
 
-def _scan(root):
+def scan_folder(root):
     "Class names, and the image files and labels of each split, in a stable order."
     if not root.exists(): raise DataError(f'data folder {root} does not exist')
     if not root.is_dir(): raise DataError(f'data path {root} is not a folder')
@@ -99,7 +99,7 @@ def _decode_all(files):
 def load_arrays(root, cache_dir=None, verbose=True):
     "Classes and uint8 arrays of both splits, decoded once and cached on disk, keyed on the source files."
     root = Path(root)
-    classes, splits = _scan(root)
+    classes, splits = scan_folder(root)
     key = _cache_key(root, splits)
     cache_dir = Path(cache_dir) if cache_dir else _cache_dir(root)
     cache = cache_dir / f'cifar-uint8-{key}.npz'
@@ -181,6 +181,8 @@ def cifar_dls(path=None, bs=512, subset=None, device=None, seed=None, cache_dir=
     root = resolve_path(path)
     classes, arrays = load_arrays(root, cache_dir=cache_dir, verbose=verbose)
     (x_tr, y_tr), (x_te, y_te) = arrays['train'], arrays['test']
+    if subset is not None and subset < len(classes):
+        raise DataError(f'--subset {subset} is smaller than the number of classes ({len(classes)}); use at least {len(classes)}')
     if subset:  # a fixed class-balanced draw, the same for every seed, so that runs stay comparable
         tr, te = balanced_subset(y_tr, subset, len(classes)), balanced_subset(y_te, subset // 5, len(classes))
         x_tr, y_tr, x_te, y_te = x_tr[tr], y_tr[tr], x_te[te], y_te[te]

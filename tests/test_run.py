@@ -71,10 +71,12 @@ def test_given_lrs_skip_the_finder(tiny, tmp_path):
     (['--epochs', '0'], '--epochs must be at least 1'),
     (['--lr-min', '0.1', '--lr-max', '0.01'], 'must be below --lr-max'),
     (['--lr-min', '0.1'], 'give both --lr-min and --lr-max'),
+    (['--subset', '5'], '--subset 5 is smaller than the number of classes (10)'),
 ])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny, tmp_path, args, message):
     out = tmp_path / 'run'
-    r = run_script('experiments/run.py', *args, '--out', out)
+    data = [] if '--data' in args else ['--data', tiny]
+    r = run_script('experiments/run.py', *data, *args, '--out', out)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f'run.py: error: {r.stderr.strip().split("error: ", 1)[1]}']
     assert message in r.stderr and 'Traceback' not in r.stderr
