@@ -1,0 +1,187 @@
+"""One command, one device: this suite's run over several seeds, against a stock fastai pipeline and a plain PyTorch loop."""
+import json, os, re, shutil, statistics, subprocess, sys, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+import torch
+import torch.nn.functional as F
+from fastcore.script import call_parse
+from fastai.torch_core import default_device, set_seed
+from fastai.vision.all import CropPad, Flip, ImageDataLoaders, Normalize, RandomCrop, cifar_stats
+
+from arch import custom_resnet
+from cli import UsageError, user_errors
+from data import balanced_subset, resolve_path, scan_folder
+from report import read_csv
+from train import PEAK, cifar_learner, fit_assignment, plain_console
+
+
+# ---- 1. this suite: experiments/run.py, one process per seed -------------------------------------------------
+
+def suite(data, seed, epochs, bs, subset, find_iters, device, out):
+    "One `run.py` training, logged to suite-seed<N>.log; its config, last metrics row and run folder."
+    folder = out / 'runs' / f'seed{seed}'
+    cmd = [sys.executable, str(ROOT / 'experiments' / 'run.py'), '--data', str(data), '--epochs', str(epochs),
+           '--bs', str(bs), '--seed', str(seed), '--out', str(folder), '--find-iters', str(find_iters)]
+    cmd += ['--subset', str(subset)] if subset else []
+    cmd += ['--device', device] if device else []
+    with open(out / f'suite-seed{seed}.log', 'w') as log:
+        if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise UsageError(f'the suite run for seed {seed} failed; see {out / f"suite-seed{seed}.log"}')
+    config = json.loads((folder / 'config.json').read_text())
+    return config, read_csv(folder / 'metrics.csv')[-1], json.loads((folder / 'lr_find.json').read_text())
+
+
+def subset_folder(root, n, dest):
+    "A folder of links to the same class-balanced subset that `cifar_dls(subset=n)` uses, for the baselines."
+    classes, splits = scan_folder(root)
+    for split, k in (('train', n), ('test', n // 5)):
+        files, labels = splits[split]
+        for i in balanced_subset(labels, k, len(classes)):
+            link = dest / split / files[i].parent.name / files[i].name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(files[i].resolve())
+    return dest
+
+
+# ---- 2. stock fastai: per-item PIL decode and crop, batch Flip, fp32, default settings ----------------------
+
+def stock_fastai(data, epochs, bs, lr_min, lr_max, device, log):
+    "The same model and recipe from `ImageDataLoaders.from_folder`; returns (seconds per epoch, final accuracy)."
+    dls = ImageDataLoaders.from_folder(data, train='train', valid='test', bs=bs, device=device,
+                                       item_tfms=[CropPad(40), RandomCrop(32)],  # pad 4 each side, crop 32
+                                       batch_tfms=[Flip(), Normalize.from_stats(*cifar_stats)])
+    learn = cifar_learner(dls)
+    plain_console(learn)
+    learn.logger = lambda row: print(row, file=log, flush=True)
+    start = time.perf_counter()
+    fit_assignment(learn, epochs, lr_min, lr_max)
+    return (time.perf_counter() - start) / epochs, float(learn.recorder.values[-1][-1])
+
+
+# ---- 3. plain PyTorch, as the assignment's notebook: torchvision transforms, DataLoader, OneCycleLR, fp32 ------
+
+class TVCutout:
+    "Cutout as a per-image torchvision-style transform on a normalized CHW tensor: one zeroed square."
+    def __init__(self, size=8): self.size = size
+
+    def __call__(self, x):
+        h, w = x.shape[-2:]
+        i, j = torch.randint(0, h - self.size + 1, ()).item(), torch.randint(0, w - self.size + 1, ()).item()
+        x = x.clone()
+        x[:, i:i + self.size, j:j + self.size] = 0
+        return x
+
+
+def plain_pytorch(data, epochs, bs, lr_min, lr_max, device, log, workers=None):
+    "A hand-written loop over torchvision's ImageFolder; returns (seconds per epoch, final accuracy)."
+    from torchvision import datasets, transforms as T
+    norm = T.Normalize(*cifar_stats)
+    train_tf = T.Compose([T.RandomCrop(32, padding=4, padding_mode='reflect'), T.RandomHorizontalFlip(), T.ToTensor(),
+                          norm, TVCutout(8)])
+    workers = os.cpu_count() if workers is None else workers
+    train = torch.utils.data.DataLoader(datasets.ImageFolder(Path(data) / 'train', train_tf), bs, shuffle=True,
+                                        drop_last=True, num_workers=workers)
+    test = torch.utils.data.DataLoader(datasets.ImageFolder(Path(data) / 'test', T.Compose([T.ToTensor(), norm])),
+                                       bs, num_workers=workers)
+    model = custom_resnet().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr_min, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr_max, total_steps=epochs * len(train), pct_start=PEAK,
+                                                div_factor=lr_max / lr_min, final_div_factor=1., cycle_momentum=False)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        for x, y in train:
+            x, y = x.to(device), y.to(device)
+            loss = F.cross_entropy(model(x) * 0.125, y)
+            opt.zero_grad(); loss.backward(); opt.step(); sched.step()
+        model.eval()
+        with torch.no_grad(): correct = sum((model(x.to(device)).argmax(1).cpu() == y).sum().item() for x, y in test)
+        acc = correct / len(test.dataset)
+        print(f'epoch {epoch + 1} test_acc {acc:.4f} seconds {time.perf_counter() - start:.1f}', file=log, flush=True)
+    return (time.perf_counter() - start) / epochs, acc
+
+
+# ---- the summary ---------------------------------------------------------------------------------------------
+
+def summarize(device, runs, baselines, epochs):
+    "summary.json's content: accuracy per seed, times, throughput and speed-ups."
+    accs = [m['test_acc'] for _, m, _ in runs]
+    train = [c['seconds']['train'] for c, _, _ in runs]
+    med = statistics.median(train)
+    s = dict(device=device, epochs=epochs, seeds=[c['seed'] for c, _, _ in runs], test_acc=accs,
+             test_acc_mean=statistics.mean(accs), test_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.,
+             test_acc_min=min(accs), train_seconds=train, train_seconds_median=med, warmup_seconds=0.,
+             lr_find_seconds=[c['seconds'].get('lr_find', 0.) for c, _, _ in runs],
+             lr_min=[lr['lr_min'] for _, _, lr in runs], lr_max=[lr['lr_max'] for _, _, lr in runs],
+             images_per_second=runs[0][0]['n_train'] * epochs / med, baseline_seconds=baselines)
+    for name, b in baselines.items(): s[f'speedup_vs_{name}'] = b['seconds'] / med
+    return s
+
+
+def render(s):
+    "The markdown table of a summary, for results/<device>/README.md and the project README."
+    pct = lambda v: f'{100 * v:.2f}%'
+    lines = [f"| {s['device']} | {s['epochs']} epochs, {len(s['test_acc'])} seeds |", '|---|---|',
+             f"| test accuracy, mean ± std | {pct(s['test_acc_mean'])} ± {100 * s['test_acc_std']:.2f} |",
+             f"| test accuracy, min | {pct(s['test_acc_min'])} |",
+             f"| training time, median | {s['train_seconds_median']:.1f} s ({s['images_per_second']:,.0f} img/s) |"]
+    for name, b in s['baseline_seconds'].items():
+        lines.append(f"| {name.replace('_', ' ')} | {b['seconds']:.1f} s"
+                     + (f" (extrapolated from {b['epochs_run']} epoch(s) at {b['seconds_per_epoch']:.1f} s)"
+                        if b['epochs_run'] < s['epochs'] else '') + f"; speed-up {s[f'speedup_vs_{name}']:.1f}× |")
+    return '\n'.join(lines)
+
+
+def update_readme(readme, table):
+    "Replace the README's generated results block with `table`."
+    text = readme.read_text()
+    start, end = '<!-- results: generated by experiments/bench.py -->', '<!-- /results -->'
+    if start not in text: raise UsageError(f'{readme} has no {start} block')
+    readme.write_text(re.sub(f'{re.escape(start)}.*?{re.escape(end)}', f'{start}\n{table}\n{end}', text, flags=re.S))
+
+
+# Last in the file: when run as a script, `call_parse` calls `main` as soon as it is decorated.
+@call_parse
+def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, else download)
+         seeds: int = 5,               # suite runs, with seeds 0..N-1
+         epochs: int = 24,             # epochs of every run
+         baseline_epochs: int = None,  # epochs the baselines really run (default: all), the rest extrapolated
+         bs: int = 512,                # batch size of every run
+         subset: int = None,           # class-balanced training subset, for a quick CPU check of the command
+         find_iters: int = 100,        # lr_find's mock-training steps in the suite runs
+         device: str = None,           # torch device (default: the GPU if there is one)
+         out: str = 'results/gpu',     # folder for summary.json, README.md and the logs
+         readme: str = None):          # also write the table into this README's results block
+    "Benchmark the suite against a stock fastai pipeline and a plain PyTorch loop, on one device."
+    with user_errors('bench.py'):
+        if seeds < 1 or epochs < 1: raise UsageError('--seeds and --epochs must be at least 1')
+        data, out = resolve_path(data), Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        dev = torch.device(device) if device else default_device()
+        name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
+        runs = [suite(data, seed, epochs, bs, subset, find_iters, device, out) for seed in range(seeds)]
+        lr_min, lr_max = runs[0][2]['lr_min'], runs[0][2]['lr_max']
+        b_epochs = min(baseline_epochs or epochs, epochs)
+        base_data = data
+        if subset:
+            base_data = out / 'subset-data'
+            if base_data.exists(): shutil.rmtree(base_data)
+            subset_folder(data, subset, base_data)
+        baselines = {}
+        for key, fn in (('stock_fastai', stock_fastai), ('plain_pytorch', plain_pytorch)):
+            set_seed(0, reproducible=True)
+            with open(out / f'{key}.log', 'w') as log:
+                print(f'{key}: {b_epochs} epoch(s) of {epochs} at LRMIN {lr_min:.3g}, LRMAX {lr_max:.3g}', file=log, flush=True)
+                per_epoch, acc = fn(base_data, b_epochs, bs, lr_min, lr_max, dev, log)
+            baselines[key] = dict(epochs_run=b_epochs, seconds_per_epoch=per_epoch, seconds=per_epoch * epochs,
+                                  test_acc_after_epochs_run=acc)
+        summary = summarize(name, runs, baselines, epochs)
+        summary['subset'] = subset
+        if subset: shutil.rmtree(base_data)
+        (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
+        table = render(summary)
+        (out / 'README.md').write_text(f'# Benchmark on {name}\n\n`{" ".join(sys.argv)}`\n\n{table}\n')
+        if readme: update_readme(Path(readme), table)
+        print(table)
