@@ -2,17 +2,21 @@
 import sys
 from contextlib import contextmanager
 
-__all__ = ['UsageError', 'user_errors']
+__all__ = ['UsageError', 'RunError', 'user_errors']
 
 
 class UsageError(Exception):
     "A flag, path or input that the user can fix; the tools print it on one line and exit 2."
 
 
+class RunError(Exception):
+    "A run that could not go on (it diverged, say); the tools print it on one line and exit 1."
+
+
 @contextmanager
 def user_errors(prog):
-    "Turn `UsageError` into `prog: error: …` on stderr and exit status 2, as argparse does for bad flags."
+    "Turn `UsageError` into `prog: error: …` and exit status 2, as argparse does for bad flags; `RunError` exits 1."
     try: yield
-    except UsageError as e:
+    except (UsageError, RunError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise SystemExit(2 if isinstance(e, UsageError) else 1) from None

@@ -1,5 +1,5 @@
 """Training on top of fastai: the learner, the finder's LRMIN/LRMAX rule, the assignment's one-cycle, and run logs."""
-import csv, random, tempfile, time
+import csv, os, random, tempfile, time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
+from fastcore.basics import noop
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, slide, steep, valley
 from fastai.learner import Learner, Recorder
@@ -16,10 +17,11 @@ from fastai.metrics import accuracy
 from fastai.optimizer import OptimWrapper
 
 from arch import custom_resnet
-from cli import UsageError
+from cli import RunError, UsageError
 
 __all__ = ['PEAK', 'ScaledCrossEntropy', 'cifar_learner', 'LRFind', 'FinderError', 'find_lrs', 'choose_lrs',
-           'suggest', 'one_cycle_kwargs', 'fit_assignment', 'RunLog', 'ETA', 'plain_console']
+           'suggest', 'one_cycle_kwargs', 'fit_assignment', 'RunLog', 'ETA', 'plain_console', 'Diverged',
+           'StopOnDivergence', 'Checkpoint', 'load_checkpoint', 'truncate_logs']
 
 PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all training steps
 
@@ -162,7 +164,11 @@ class RunLog(Callback):
 
     def before_fit(self):
         self.recorder.metric_names.insert(1, 'lr')
-        self.rows = []
+        self.rows, self.muted = [], None
+
+    def after_cancel_epoch(self):
+        # An epoch fastai skips on resume (`start_epoch`): keep the Recorder's empty row off the console.
+        self.muted, self.learn.logger = self.learn.logger, noop
 
     def before_epoch(self): self.start, self.rows = time.perf_counter(), []
 
@@ -179,6 +185,9 @@ class RunLog(Callback):
         log.insert(1, self.rows[0][2] if self.rows else float('nan'))
 
     def after_epoch(self):
+        if self.muted is not None:
+            self.learn.logger, self.muted = self.muted, None
+            return
         log = self.recorder.log
         self._append('schedule.csv', ('step', 'epoch', 'lr'), self.rows)
         self._append('metrics.csv', self.METRICS, [(*log[:6], round(time.perf_counter() - self.start, 3))])
@@ -187,7 +196,7 @@ class RunLog(Callback):
         f = self.folder / name
         new = not f.exists()
         with open(f, 'a', newline='') as fh:
-            w = csv.writer(fh)
+            w = csv.writer(fh, lineterminator='\n')
             if new: w.writerow(header)
             w.writerows(rows)
 
@@ -235,3 +244,63 @@ class _TableRows:
             print('  '.join(f'{n:<8}' for n in names), flush=True)
         cells = [f'{v:.6f}' if isinstance(v, float) else str(v) for v in log]
         print('  '.join(f'{c:<{max(8, len(n))}}' for c, n in zip(cells, names)), flush=True)
+
+
+class Diverged(RunError):
+    "The training loss became NaN or infinite."
+    # fastai rewrites the message of an exception raised in a callback; `msg` keeps the one-line original.
+    def __init__(self, msg): super().__init__(msg); self.msg = msg
+
+
+class StopOnDivergence(Callback):
+    "Stops training at the first non-finite loss, saying where and what to try, before the weights are stepped."
+    order = -10  # after_loss, before the backward pass and the optimizer step
+
+    def after_loss(self):
+        if self.training and not torch.isfinite(self.loss).all():
+            raise Diverged(f'training diverged: the loss became {float(self.loss.detach().mean())} at epoch {self.epoch + 1}, '
+                           f'step {self.iter + 1} (LR {self.opt.hypers[-1]["lr"]:.3g}); try a lower --lr-max')
+
+
+class Checkpoint(Callback):
+    "After each epoch, saves model, optimizer, epochs done and every random stream to one file, atomically."
+    order = RunLog.order + 1  # after the epoch's rows are in metrics.csv
+
+    def __init__(self, path, resumed=None, **extra): self.path, self.resumed, self.extra = Path(path), resumed, extra
+
+    def before_fit(self):
+        # The Recorder has just reset its smoothed loss; a resumed run carries on the killed run's smoothing,
+        # so its train_loss column matches an uninterrupted run's too.
+        if self.resumed: self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = self.resumed['smooth']
+
+    def after_cancel_epoch(self): self.skipped = True
+
+    def after_epoch(self):
+        if getattr(self, 'skipped', False): self.skipped = False; return
+        sm = self.recorder.smooth_loss
+        state = dict(epoch=self.epoch + 1, model=self.model.state_dict(), opt=self.opt.state_dict(),
+                     rng=_rng_state(self.learn), smooth=(sm.count, sm.val), **self.extra)
+        tmp = self.path.with_suffix('.tmp')
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)  # a kill mid-save leaves the previous checkpoint whole
+
+
+def load_checkpoint(learn, path):
+    "Put a `Checkpoint` back into `learn` (weights, optimizer, random streams); returns the saved dict."
+    state = torch.load(path, map_location=learn.dls.device, weights_only=False)
+    learn.model.load_state_dict(state['model'])
+    learn.create_opt()
+    learn.opt.load_state_dict(state['opt'])
+    _set_rng_state(learn, state['rng'])
+    return state
+
+
+def truncate_logs(folder, epochs, steps_per_epoch):
+    "Cut metrics.csv and schedule.csv back to `epochs` finished epochs, so a resumed run logs each epoch once."
+    for name, keep in (('metrics.csv', epochs), ('schedule.csv', epochs * steps_per_epoch)):
+        f = Path(folder) / name
+        if not f.exists(): continue
+        lines = f.read_text().splitlines(keepends=True)
+        tmp = f.with_suffix('.tmp')
+        tmp.write_text(''.join(lines[:keep + 1]))  # the header and the rows to keep
+        os.replace(tmp, f)

@@ -12,11 +12,12 @@ from fastcore.script import call_parse
 from fastai.torch_core import default_device, set_seed
 
 from arch import write_summary
-from cli import UsageError, user_errors
+from cli import RunError, UsageError, user_errors
 from data import cifar_dls
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
-from train import ETA, PEAK, RunLog, cifar_learner, find_lrs, fit_assignment, plain_console
+from train import (ETA, PEAK, Checkpoint, Diverged, RunLog, StopOnDivergence, cifar_learner, find_lrs, fit_assignment,
+                   load_checkpoint, plain_console, truncate_logs)
 
 
 def check_flags(epochs, bs, subset, lr_min, lr_max, find_iters, **_):
@@ -60,7 +61,7 @@ def git_commit():
 
 
 def run(**flags):
-    "The whole run; flags as in `main`."
+    "A new run: check the flags, build data and learner, find the LRs, train, and explain the result."
     check_flags(**flags)
     t_start = time.perf_counter()
     dev = pick_device(flags['device'])
@@ -78,11 +79,46 @@ def run(**flags):
                   started=datetime.now().isoformat(timespec='seconds'),
                   n_train=len(dls.train_ds), n_test=len(dls.valid_ds), seconds=dict(data=round(time.perf_counter() - t, 2)))
     save_json(out / 'config.json', config)
+    learn = make_learner(dls, out)
+    write_summary(learn.model, out / 'summary.txt')
+    lr = choose_lrs(learn, flags, config, out)
+    return train(learn, config, lr, out, t_start)
+
+
+def resume_run(folder):
+    "Continue a killed run from its last finished epoch, with its own flags, seed and LRs (no new lr_find)."
+    folder = Path(folder)
+    if not folder.is_dir(): raise UsageError(f'--resume {folder}: no such run folder')
+    if not (folder / 'config.json').exists(): raise UsageError(f'--resume {folder}: not a run folder (no config.json)')
+    if (folder / 'model.pth').exists(): raise UsageError(f'--resume {folder}: that run has already finished')
+    if not (folder / 'checkpoint.pth').exists():
+        raise UsageError(f'--resume {folder}: no checkpoint, the run stopped before its first epoch ended; start it again')
+    t_start = time.perf_counter()
+    config = json.loads((folder / 'config.json').read_text())
+    lr = json.loads((folder / 'lr_find.json').read_text())
+    dev = pick_device(config['device'])
+    dls = cifar_dls(config['data'], bs=config['bs'], subset=config['subset'], device=dev, seed=config['seed'])
+    learn = make_learner(dls, folder)
+    state = load_checkpoint(learn, folder / 'checkpoint.pth')
+    done = state['epoch']
+    truncate_logs(folder, done, len(dls.train))
+    print(f'resuming {folder} after epoch {done} of {config["epochs"]}', flush=True)
+    config.setdefault('resumed', []).append(dict(after_epoch=done, at=datetime.now().isoformat(timespec='seconds')))
+    return train(learn, config, lr, folder, t_start, resumed=state)
+
+
+def make_learner(dls, out):
+    "The learner, with fastai's bars on a terminal and only its epoch table in a log."
     learn = cifar_learner(dls, path=out)
     if not sys.stdout.isatty(): plain_console(learn)
-    write_summary(learn.model, out / 'summary.txt')
+    return learn
 
-    if flags['lr_max'] is None:
+
+def choose_lrs(learn, flags, config, out):
+    "LRMIN and LRMAX: the finder's, or the flags' when both are given; saved as lr_find.json (and .png)."
+    if flags['lr_max'] is not None:
+        lr = dict(suggestions=None, lr_min=flags['lr_min'], lr_max=flags['lr_max'], rule='given on the command line')
+    else:
         print(f'lr_find: {flags["find_iters"]} mock-training steps ...', flush=True)
         found = find_lrs(learn, num_it=flags['find_iters'])
         config['seconds']['lr_find'] = round(found.seconds, 2)
@@ -90,28 +126,42 @@ def run(**flags):
         lr = found.to_json()
         print('lr_find: ' + ', '.join(f'{k} {v:.3g}' for k, v in found.suggestions.items())
               + f' -> LRMIN {found.lr_min:.3g}, LRMAX {found.lr_max:.3g} ({found.rule})', flush=True)
-    else:
-        lr = dict(suggestions=None, lr_min=flags['lr_min'], lr_max=flags['lr_max'], rule='given on the command line')
     save_json(out / 'lr_find.json', lr)
+    return lr
 
-    t = time.perf_counter()
-    cbs = [RunLog(out)] + ([ETA()] if dev.type == 'cpu' else [])
-    fit_assignment(learn, flags['epochs'], lr['lr_min'], lr['lr_max'], cbs=cbs)
+
+def train(learn, config, lr, out, t_start, resumed=None):
+    "The one-cycle fit (from the checkpoint `resumed`, if given), checkpointed every epoch; then model, figures, report."
+    start_epoch = resumed['epoch'] if resumed else 0
+    # Training time is this fit's wall time, plus the logged epochs before it when resuming.
+    t = time.perf_counter() - sum(r['seconds'] for r in read_csv(out / 'metrics.csv')) if start_epoch else time.perf_counter()
+    cbs = [RunLog(out), StopOnDivergence(), Checkpoint(out / 'checkpoint.pth', resumed, lr=lr)]
+    if learn.dls.device.type == 'cpu': cbs.append(ETA())
+    try: fit_assignment(learn, config['epochs'], lr['lr_min'], lr['lr_max'], cbs=cbs, start_epoch=start_epoch)
+    except Diverged as e:
+        kept = (f'the last good checkpoint (epoch {torch.load(out / "checkpoint.pth", weights_only=False)["epoch"]}) '
+                f'is {out / "checkpoint.pth"}') if (out / 'checkpoint.pth').exists() else 'no epoch had finished'
+        raise RunError(f'{e.msg} (it was {lr["lr_max"]:.3g}); {kept}') from None
     config['seconds']['train'] = round(time.perf_counter() - t, 2)
     torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
+    (out / 'checkpoint.pth').unlink()  # the run is complete: model.pth holds the weights
+    pairs = explain(learn, config, lr, out)
+    config['seconds']['total'] = round(time.perf_counter() - t_start, 2)  # of this process, when resumed
+    save_json(out / 'config.json', config)
+    write_report(out, config, lr, [mistakes_section(pairs)])
+    last = read_csv(out / 'metrics.csv')[-1]
+    print(f'test accuracy {100 * last["test_acc"]:.2f}% after {config["epochs"]} epochs; run folder {out}')
+    return out
 
-    plot_schedule(read_csv(out / 'schedule.csv'), out / 'schedule.png', lr['lr_min'], lr['lr_max'], PEAK * flags['epochs'])
+
+def explain(learn, config, lr, out):
+    "The schedule, the curves, the misclassified gallery and the confusion matrix; returns the most-confused pairs."
+    plot_schedule(read_csv(out / 'schedule.csv'), out / 'schedule.png', lr['lr_min'], lr['lr_max'], PEAK * config['epochs'])
     plot_curves(read_csv(out / 'metrics.csv'), out / 'curves.png')
     interp = interpret(learn)
     plot_misclassified(interp, out / 'misclassified.png')
     plot_confusion(interp, out / 'confusion.png')
-    pairs = most_confused(interp.cm, list(interp.vocab))
-    config['seconds']['total'] = round(time.perf_counter() - t_start, 2)
-    save_json(out / 'config.json', config)
-    write_report(out, config, lr, [mistakes_section(pairs)])
-    last = read_csv(out / 'metrics.csv')[-1]
-    print(f'test accuracy {100 * last["test_acc"]:.2f}% after {flags["epochs"]} epochs; run folder {out}')
-    return out
+    return most_confused(interp.cm, list(interp.vocab))
 
 
 def mistakes_section(pairs):
@@ -123,7 +173,11 @@ def mistakes_section(pairs):
     return '\n'.join(lines + [f'| {t} | {p} | {n} |' for t, p, n in pairs])
 
 
-def save_json(path, obj): Path(path).write_text(json.dumps(obj, indent=2, default=str) + '\n')
+def save_json(path, obj):
+    "Write `obj` as JSON atomically: a kill mid-write leaves the old file."
+    tmp = Path(path).with_suffix('.tmp')
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + '\n')
+    os.replace(tmp, path)
 
 
 # Last in the file: when run as a script, `call_parse` calls `main` as soon as it is decorated.
@@ -138,8 +192,10 @@ def main(epochs: int = 24,       # training epochs; the LR peaks after 5/24 of t
          lr_max: float = None,   # LRMAX, the schedule's peak
          device: str = None,     # torch device, e.g. cuda, cuda:1, cpu (default: the GPU if there is one)
          find_iters: int = 100,  # lr_find's mock-training steps
+         resume: str = None,     # a killed run's folder: continue it from its last finished epoch
          ):
     "Train the custom ResNet on CIFAR-10 with lr_find and the assignment's one-cycle, and explain it in a run folder."
     with user_errors('run.py'):
+        if resume: return resume_run(resume)
         return run(epochs=epochs, bs=bs, data=data, out=out, seed=seed, subset=subset, lr_min=lr_min,
                    lr_max=lr_max, device=device, find_iters=find_iters)

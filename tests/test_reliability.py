@@ -1,0 +1,128 @@
+"""A killed run resumes exactly, the same seed gives the same run, a diverging run stops with a message, bad input is named."""
+import csv, os, signal, subprocess, sys, time
+
+import pytest
+import torch
+from fastai.torch_core import set_seed
+
+from conftest import ROOT, make_folder, run_script
+from data import cifar_dls
+from train import Checkpoint, Diverged, RunLog, StopOnDivergence, cifar_learner, fit_assignment
+
+FLAGS = ['--epochs', '4', '--bs', '20', '--lr-min', '0.01', '--lr-max', '0.1', '--seed', '3']
+
+
+def rows(path, drop=('seconds',)):
+    with open(path) as fh: return [{k: v for k, v in r.items() if k not in drop} for r in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp('rel') / 'data')
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('rel') / 'run'
+    r = run_script('experiments/run.py', '--data', data, *FLAGS, '--out', out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_same_seed_same_metrics(data, uninterrupted, tmp_path):
+    r = run_script('experiments/run.py', '--data', data, *FLAGS, '--out', tmp_path / 'again')
+    assert r.returncode == 0, r.stderr
+    assert rows(tmp_path / 'again' / 'metrics.csv') == rows(uninterrupted / 'metrics.csv')
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(data, uninterrupted, tmp_path):
+    out = tmp_path / 'killed'
+    cmd = [sys.executable, 'experiments/run.py', '--data', str(data), *FLAGS, '--out', str(out)]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / 'checkpoint.pth').exists() and time.time() < deadline and p.poll() is None: time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    done = len(rows(out / 'metrics.csv'))
+    assert 1 <= done < 4 and not (out / 'model.pth').exists()  # killed mid-run, after its first epoch
+    r = run_script('experiments/run.py', '--resume', out)
+    assert r.returncode == 0, r.stderr
+    assert f'resuming {out} after epoch' in r.stdout
+    got, want = rows(out / 'metrics.csv'), rows(uninterrupted / 'metrics.csv')
+    assert [g['epoch'] for g in got] == ['1', '2', '3', '4']  # each epoch once
+    assert got == want  # the same LRs, losses and accuracies as a run that was never killed
+    assert rows(out / 'schedule.csv') == rows(uninterrupted / 'schedule.csv')
+    assert (out / 'model.pth').exists() and not (out / 'checkpoint.pth').exists()
+
+
+@pytest.mark.parametrize('setup,message', [
+    (lambda d: None, 'no such run folder'),
+    (lambda d: d.mkdir(), 'not a run folder'),
+])
+def test_resume_needs_a_run_folder(tmp_path, setup, message):
+    setup(tmp_path / 'r')
+    r = run_script('experiments/run.py', '--resume', tmp_path / 'r')
+    assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_resume_of_a_finished_run_says_so(uninterrupted):
+    r = run_script('experiments/run.py', '--resume', uninterrupted)
+    assert r.returncode == 2 and 'already finished' in r.stderr
+
+
+class NaNAfter:
+    "A loss that turns NaN after `n` training steps: a divergence on cue."
+    def __init__(self, learn, n): self.learn, self.loss, self.n, self.calls = learn, learn.loss_func, n, 0
+    def __getattr__(self, k): return getattr(self.loss, k)
+    def __call__(self, *a, **k):
+        self.calls += self.learn.training
+        out = self.loss(*a, **k)
+        return out * float('nan') if self.calls > self.n else out
+
+
+def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
+    set_seed(0)
+    learn = cifar_learner(cifar_dls(make_folder(tmp_path / 'd', n_train=1, n_test=1), bs=5, device='cpu',
+                                    verbose=False))
+    learn.remove_cb(learn.progress)
+    learn.loss_func = NaNAfter(learn, n=3)  # 2 steps an epoch: NaN in the 2nd step of epoch 2
+    with pytest.raises(Diverged) as e, learn.no_logging():
+        fit_assignment(learn, 4, 0.01, 0.1, cbs=[RunLog(tmp_path), StopOnDivergence(), Checkpoint(tmp_path / 'ck.pth')])
+    assert e.value.msg.startswith('training diverged: the loss became nan at epoch 2, step 2 (LR ')
+    assert e.value.msg.endswith('try a lower --lr-max')
+    state = torch.load(tmp_path / 'ck.pth', weights_only=False)
+    assert state['epoch'] == 1 and all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+    assert len(rows(tmp_path / 'metrics.csv')) == 1
+
+
+def test_a_diverging_run_exits_1_with_one_line(data, tmp_path):
+    r = run_script('experiments/run.py', '--data', data, '--epochs', 2, '--bs', 20, '--lr-min', 1e3, '--lr-max', 1e7,
+                   '--out', tmp_path / 'run')
+    assert r.returncode == 1 and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert 'training diverged' in r.stderr and 'try a lower --lr-max (it was 1e+07)' in r.stderr
+
+
+def test_corrupt_images_are_named_before_anything_is_made(tmp_path):
+    data = make_folder(tmp_path / 'd')
+    (data / 'train' / 'c2' / 'broken.jpg').write_bytes(b'\xff\xd8 truncated')
+    (data / 'test' / 'c5' / 'text.png').write_text('not an image')
+    r = run_script('experiments/run.py', '--data', data, '--out', tmp_path / 'run')
+    assert r.returncode == 2 and '2 unreadable image(s)' in r.stderr
+    assert 'broken.jpg' in r.stderr and 'text.png' in r.stderr and not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('make,message', [
+    (lambda p: p.mkdir(), 'has no train/ or test/ folder'),
+    (lambda p: (p / 'train').mkdir(parents=True), 'has no test/ folder'),
+])
+def test_incomplete_data_folders_name_what_is_missing(tmp_path, make, message):
+    make(tmp_path / 'd')
+    r = run_script('experiments/run.py', '--data', tmp_path / 'd', '--out', tmp_path / 'run')
+    assert r.returncode == 2 and message in r.stderr
+
+
+def test_out_that_is_a_file(tmp_path, data):
+    (tmp_path / 'f').write_text('x')
+    r = run_script('experiments/run.py', '--data', data, '--out', tmp_path / 'f')
+    assert r.returncode == 2 and 'is a file, not a folder' in r.stderr
