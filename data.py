@@ -152,7 +152,9 @@ class ArrayDL(TfmdDL):
     def sample(self): return self._DataLoader__idxs
 
     def create_batches(self, order):
-        rows = self.rows[torch.as_tensor(order, device=self.rows.device)]
+        # `order` is our tensor, or under fastai's DistributedDL this rank's share of it as a generator of ints.
+        order = order if isinstance(order, torch.Tensor) else torch.tensor(list(order), dtype=torch.long)
+        rows = self.rows[order.to(self.rows.device)]
         for b in rows.split(self.bs):
             if self.drop_last and len(b) < self.bs: return
             yield TensorImage(self.images[b]), TensorCategory(self.labels[b])

@@ -1,5 +1,6 @@
 """Training on top of fastai: the learner, the finder's LRMIN/LRMAX rule, the assignment's one-cycle, and run logs."""
 import csv, os, random, tempfile, time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -8,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback
+from fastai.distributed import DistributedDL
+from fastai.torch_core import num_distrib, rank_distrib
 from fastcore.basics import noop
 from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, slide, steep, valley
@@ -21,7 +24,7 @@ from cli import RunError, UsageError
 
 __all__ = ['PEAK', 'ScaledCrossEntropy', 'cifar_learner', 'LRFind', 'FinderError', 'find_lrs', 'choose_lrs',
            'suggest', 'one_cycle_kwargs', 'fit_assignment', 'RunLog', 'ETA', 'plain_console', 'Diverged',
-           'StopOnDivergence', 'Checkpoint', 'load_checkpoint', 'truncate_logs']
+           'StopOnDivergence', 'Checkpoint', 'load_checkpoint', 'truncate_logs', 'distributed', 'single_process', 'broadcast']
 
 PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all training steps
 
@@ -101,14 +104,17 @@ def _rng_state(learn):
     "Every random stream a fit draws from: Python, NumPy, torch (CPU and CUDA) and each DataLoader's own."
     return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            [dl.rng.getstate() for dl in learn.dls.loaders])
+            [_unwrap(dl).rng.getstate() for dl in learn.dls.loaders])
+
+
+def _unwrap(dl): return getattr(dl, 'dl', dl)  # the loader inside fastai's DistributedDL
 
 
 def _set_rng_state(learn, state):
     py, npy, cpu, cuda, dls = state
     random.setstate(py); np.random.set_state(npy); torch.set_rng_state(cpu)
     if cuda is not None: torch.cuda.set_rng_state_all(cuda)
-    for dl, s in zip(learn.dls.loaders, dls): dl.rng.setstate(s)
+    for dl, s in zip(learn.dls.loaders, dls): _unwrap(dl).rng.setstate(s)
 
 
 def find_lrs(learn, num_it=100, start_lr=1e-7, end_lr=10, rule=choose_lrs):
@@ -277,8 +283,8 @@ class Checkpoint(Callback):
 
     def after_epoch(self):
         if getattr(self, 'skipped', False): self.skipped = False; return
-        sm = self.recorder.smooth_loss
-        state = dict(epoch=self.epoch + 1, model=self.model.state_dict(), opt=self.opt.state_dict(),
+        sm, model = self.recorder.smooth_loss, getattr(self.model, 'module', self.model)  # unwrap DDP
+        state = dict(epoch=self.epoch + 1, model=model.state_dict(), opt=self.opt.state_dict(),
                      rng=_rng_state(self.learn), smooth=(sm.count, sm.val), **self.extra)
         tmp = self.path.with_suffix('.tmp')
         torch.save(state, tmp)
@@ -304,3 +310,49 @@ def truncate_logs(folder, epochs, steps_per_epoch):
         tmp = f.with_suffix('.tmp')
         tmp.write_text(''.join(lines[:keep + 1]))  # the header and the rows to keep
         os.replace(tmp, f)
+
+
+# ---- several processes: torchrun / accelerate launch -----------------------------------------------------------
+
+@contextmanager
+def distributed(learn):
+    "fastai's `distrib_ctx` when launched by torchrun or `accelerate launch`, with its CPU work-arounds; else nothing."
+    if num_distrib() <= 1: yield learn; return
+    cpu = learn.dls.device.type == 'cpu'
+    if cpu: os.environ.setdefault('ACCELERATE_USE_CPU', '1')  # accelerate otherwise looks for a GPU per process
+    try:
+        with learn.distrib_ctx(sync_bn=not cpu): yield learn  # SyncBatchNorm has no CPU kernel; NCCL GPUs get it
+    finally:
+        if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
+
+
+@contextmanager
+def single_process():
+    "Work one process does alone under torchrun (its own lr_find, rank 0's figures): fastai reads WORLD_SIZE to decide."
+    # Otherwise fastai gathers every prediction across processes that are not taking part.
+    saved = {k: os.environ.get(k) for k in ('WORLD_SIZE', 'RANK')}
+    os.environ.update(WORLD_SIZE='1', RANK='0')
+    try: yield
+    finally:
+        for k, v in saved.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+
+def broadcast(obj):
+    "`obj` as rank 0 has it, on every rank (the LRs rank 0's finder chose, say); `obj` itself when not distributed."
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()): return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _broadcast_idxs(self, t, rank):
+    "fastai's `DistributedDL._broadcast` on the process group's own device: it calls .cuda(), which gloo can't use."
+    gpu = torch.distributed.get_backend() == 'nccl'
+    t = torch.tensor([int(i) for i in t], dtype=torch.long, device='cuda' if gpu else 'cpu')
+    torch.distributed.broadcast(t, rank)
+    return t.cpu().tolist()
+
+
+DistributedDL._broadcast = _broadcast_idxs

@@ -9,15 +9,15 @@ sys.path.insert(0, str(ROOT))  # `python experiments/run.py` works from anywhere
 import torch
 import fastai, fastcore
 from fastcore.script import call_parse
-from fastai.torch_core import default_device, set_seed
+from fastai.torch_core import default_device, num_distrib, rank_distrib, set_seed
 
 from arch import write_summary
 from cli import RunError, UsageError, user_errors
 from data import cifar_dls
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
-from train import (ETA, PEAK, Checkpoint, Diverged, RunLog, StopOnDivergence, cifar_learner, find_lrs, fit_assignment,
-                   load_checkpoint, plain_console, truncate_logs)
+from train import (ETA, PEAK, Checkpoint, Diverged, RunLog, StopOnDivergence, broadcast, cifar_learner, distributed,
+                   find_lrs, fit_assignment, load_checkpoint, plain_console, single_process, truncate_logs)
 
 
 def check_flags(epochs, bs, subset, lr_min, lr_max, find_iters, **_):
@@ -34,6 +34,9 @@ def check_flags(epochs, bs, subset, lr_min, lr_max, find_iters, **_):
 
 def pick_device(device):
     "The torch device to train on, or a usage error that says why it can't be used."
+    if device is None and num_distrib() > 1 and torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        return torch.device('cuda', torch.cuda.current_device())
     if device is None: return default_device()
     try: dev = torch.device(device)
     except RuntimeError: raise UsageError(f'--device {device!r} is not a torch device (try cuda or cpu)') from None
@@ -63,26 +66,37 @@ def git_commit():
 def run(**flags):
     "A new run: check the flags, build data and learner, find the LRs, train, and explain the result."
     check_flags(**flags)
-    t_start = time.perf_counter()
+    t_start, world, main = time.perf_counter(), max(num_distrib(), 1), rank_distrib() == 0
+    if flags['bs'] % world: raise UsageError(f'--bs {flags["bs"]} does not split evenly over {world} processes')
     dev = pick_device(flags['device'])
-    out = check_out(flags['out'])
+    out = check_out(flags['out']) if main else None  # only rank 0 writes
     seed = flags['seed'] if flags['seed'] is not None else random.SystemRandom().randrange(2 ** 31)
     set_seed(seed, reproducible=True)
     t = time.perf_counter()
-    dls = cifar_dls(flags['data'], bs=flags['bs'], subset=flags['subset'], device=dev, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data leaves nothing behind
-    config = dict(flags, out=str(out), seed=seed, device=str(dev),
+    # --bs is the global batch: each of `world` processes takes its share of every batch.
+    dls = cifar_dls(flags['data'], bs=flags['bs'] // world, subset=flags['subset'], device=dev, seed=seed, verbose=main)
+    config = dict(flags, out=str(out), seed=seed, device=str(dev), processes=world,
                   device_name=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu',
                   versions=dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
                                 fastcore=fastcore.__version__),
                   torch_threads=torch.get_num_threads(), git_commit=git_commit(), command=' '.join(sys.argv),
                   started=datetime.now().isoformat(timespec='seconds'),
                   n_train=len(dls.train_ds), n_test=len(dls.valid_ds), seconds=dict(data=round(time.perf_counter() - t, 2)))
-    save_json(out / 'config.json', config)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data leaves nothing behind
+        save_json(out / 'config.json', config)
     learn = make_learner(dls, out)
-    write_summary(learn.model, out / 'summary.txt')
-    lr = choose_lrs(learn, flags, config, out)
-    return train(learn, config, lr, out, t_start)
+    if main: write_summary(learn.model, out / 'summary.txt')
+    finder = learn
+    if world > 1 and flags['lr_max'] is None:  # every process runs the finder alone, at the global batch size
+        finder = make_learner(cifar_dls(flags['data'], bs=flags['bs'], subset=flags['subset'], device=dev, seed=seed,
+                                        verbose=False), out, model=learn.model)
+    lr = choose_lrs(finder, flags, config, out, main)
+    with distributed(learn):
+        lr = broadcast(lr)  # rank 0's choice everywhere, whatever tiny differences the processes' finders had
+        fit_run(learn, config, lr, out, main)
+    if main:
+        with single_process(): return finish(learn, config, lr, out, t_start)
 
 
 def resume_run(folder):
@@ -93,56 +107,70 @@ def resume_run(folder):
     if (folder / 'model.pth').exists(): raise UsageError(f'--resume {folder}: that run has already finished')
     if not (folder / 'checkpoint.pth').exists():
         raise UsageError(f'--resume {folder}: no checkpoint, the run stopped before its first epoch ended; start it again')
-    t_start = time.perf_counter()
+    t_start, world, main = time.perf_counter(), max(num_distrib(), 1), rank_distrib() == 0
     config = json.loads((folder / 'config.json').read_text())
+    if world != config.get('processes', 1):
+        raise UsageError(f'--resume {folder}: the run used {config.get("processes", 1)} process(es); resume it with as many')
     lr = json.loads((folder / 'lr_find.json').read_text())
-    dev = pick_device(config['device'])
-    dls = cifar_dls(config['data'], bs=config['bs'], subset=config['subset'], device=dev, seed=config['seed'])
+    dev = pick_device(config['device'] if world == 1 else None)
+    dls = cifar_dls(config['data'], bs=config['bs'] // world, subset=config['subset'], device=dev, seed=config['seed'],
+                    verbose=main)
     learn = make_learner(dls, folder)
     state = load_checkpoint(learn, folder / 'checkpoint.pth')
-    done = state['epoch']
-    truncate_logs(folder, done, len(dls.train))
-    print(f'resuming {folder} after epoch {done} of {config["epochs"]}', flush=True)
-    config.setdefault('resumed', []).append(dict(after_epoch=done, at=datetime.now().isoformat(timespec='seconds')))
-    return train(learn, config, lr, folder, t_start, resumed=state)
+    if main:
+        truncate_logs(folder, state['epoch'], len(dls.train))
+        print(f'resuming {folder} after epoch {state["epoch"]} of {config["epochs"]}', flush=True)
+        config.setdefault('resumed', []).append(dict(after_epoch=state['epoch'], at=datetime.now().isoformat(timespec='seconds')))
+    with distributed(learn): fit_run(learn, config, lr, folder, main, resumed=state)
+    if main:
+        with single_process(): return finish(learn, config, lr, folder, t_start)
 
 
-def make_learner(dls, out):
+def make_learner(dls, out, model=None):
     "The learner, with fastai's bars on a terminal and only its epoch table in a log."
-    learn = cifar_learner(dls, path=out)
+    learn = cifar_learner(dls, model=model, path=out or '.')
     if not sys.stdout.isatty(): plain_console(learn)
     return learn
 
 
-def choose_lrs(learn, flags, config, out):
-    "LRMIN and LRMAX: the finder's, or the flags' when both are given; saved as lr_find.json (and .png)."
+def choose_lrs(learn, flags, config, out, main=True):
+    "LRMIN and LRMAX: the finder's, or the flags' when both are given; the `main` process saves lr_find.json (and .png)."
     if flags['lr_max'] is not None:
         lr = dict(suggestions=None, lr_min=flags['lr_min'], lr_max=flags['lr_max'], rule='given on the command line')
     else:
-        print(f'lr_find: {flags["find_iters"]} mock-training steps ...', flush=True)
-        found = find_lrs(learn, num_it=flags['find_iters'])
+        if main: print(f'lr_find: {flags["find_iters"]} mock-training steps ...', flush=True)
+        with single_process(): found = find_lrs(learn, num_it=flags['find_iters'])  # each process on its own
         config['seconds']['lr_find'] = round(found.seconds, 2)
-        plot_lr_find(found, out / 'lr_find.png')
         lr = found.to_json()
-        print('lr_find: ' + ', '.join(f'{k} {v:.3g}' for k, v in found.suggestions.items())
-              + f' -> LRMIN {found.lr_min:.3g}, LRMAX {found.lr_max:.3g} ({found.rule})', flush=True)
-    save_json(out / 'lr_find.json', lr)
+        if main:
+            plot_lr_find(found, out / 'lr_find.png')
+            print('lr_find: ' + ', '.join(f'{k} {v:.3g}' for k, v in found.suggestions.items())
+                  + f' -> LRMIN {found.lr_min:.3g}, LRMAX {found.lr_max:.3g} ({found.rule})', flush=True)
+    if main: save_json(out / 'lr_find.json', lr)
     return lr
 
 
-def train(learn, config, lr, out, t_start, resumed=None):
-    "The one-cycle fit (from the checkpoint `resumed`, if given), checkpointed every epoch; then model, figures, report."
+def fit_run(learn, config, lr, out, main=True, resumed=None):
+    "The one-cycle fit (from the checkpoint `resumed`, if given); the `main` process logs and checkpoints every epoch."
     start_epoch = resumed['epoch'] if resumed else 0
-    # Training time is this fit's wall time, plus the logged epochs before it when resuming.
-    t = time.perf_counter() - sum(r['seconds'] for r in read_csv(out / 'metrics.csv')) if start_epoch else time.perf_counter()
-    cbs = [RunLog(out), StopOnDivergence(), Checkpoint(out / 'checkpoint.pth', resumed, lr=lr)]
-    if learn.dls.device.type == 'cpu': cbs.append(ETA())
+    cbs = [StopOnDivergence()]
+    if main:
+        cbs += [RunLog(out), Checkpoint(out / 'checkpoint.pth', resumed, lr=lr)]
+        if learn.dls.device.type == 'cpu': cbs.append(ETA())
+        # Training time is this fit's wall time, plus the logged epochs before it when resuming.
+        prior = sum(r['seconds'] for r in read_csv(out / 'metrics.csv')) if start_epoch else 0.
+    t = time.perf_counter()
     try: fit_assignment(learn, config['epochs'], lr['lr_min'], lr['lr_max'], cbs=cbs, start_epoch=start_epoch)
     except Diverged as e:
-        kept = (f'the last good checkpoint (epoch {torch.load(out / "checkpoint.pth", weights_only=False)["epoch"]}) '
-                f'is {out / "checkpoint.pth"}') if (out / 'checkpoint.pth').exists() else 'no epoch had finished'
+        ck = out / 'checkpoint.pth' if out else None
+        kept = (f'the last good checkpoint (epoch {torch.load(ck, weights_only=False)["epoch"]}) is {ck}'
+                if ck and ck.exists() else 'no epoch had finished')
         raise RunError(f'{e.msg} (it was {lr["lr_max"]:.3g}); {kept}') from None
-    config['seconds']['train'] = round(time.perf_counter() - t, 2)
+    if main: config['seconds']['train'] = round(prior + time.perf_counter() - t, 2)
+
+
+def finish(learn, config, lr, out, t_start):
+    "Rank 0, after training: the model, the figures, config.json and report.md."
     torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
     (out / 'checkpoint.pth').unlink()  # the run is complete: model.pth holds the weights
     pairs = explain(learn, config, lr, out)
