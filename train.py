@@ -1,5 +1,5 @@
-"""Training on top of fastai: the learner, the finder's LRMIN/LRMAX rule, the assignment's one-cycle, and run logs."""
-import csv, os, random, tempfile, time
+"""Training on top of fastai: the learner, the finder's LRMIN/LRMAX rule, the assignment's one-cycle, several processes."""
+import os, random, tempfile, time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -8,23 +8,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import Callback
-from fastai.distributed import DistributedDL
-from fastai.torch_core import num_distrib, rank_distrib
-from fastcore.basics import noop
-from fastai.callback.progress import ProgressCallback
 from fastai.callback.schedule import minimum, slide, steep, valley
-from fastai.learner import Learner, Recorder
+from fastai.distributed import DistributedDL
+from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import OptimWrapper
+from fastai.torch_core import num_distrib
 
 from arch import custom_resnet
-from cli import RunError, UsageError
+from cli import UsageError
 
 __all__ = ['PEAK', 'ScaledCrossEntropy', 'cifar_learner', 'LRFind', 'FinderError', 'find_lrs', 'choose_lrs',
-           'suggest', 'one_cycle_kwargs', 'fit_assignment', 'RunLog', 'ETA', 'plain_console', 'Diverged',
-           'StopOnDivergence', 'Checkpoint', 'load_checkpoint', 'truncate_logs', 'distributed', 'single_process', 'broadcast']
+           'suggest', 'rng_state', 'set_rng_state', 'one_cycle_kwargs', 'fit_assignment', 'distributed',
+           'single_process', 'broadcast']
 
 PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all training steps
 
@@ -100,7 +97,7 @@ def suggest(lrs, losses, num_it):
     return out
 
 
-def _rng_state(learn):
+def rng_state(learn):
     "Every random stream a fit draws from: Python, NumPy, torch (CPU and CUDA) and each DataLoader's own."
     return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -110,7 +107,7 @@ def _rng_state(learn):
 def _unwrap(dl): return getattr(dl, 'dl', dl)  # the loader inside fastai's DistributedDL
 
 
-def _set_rng_state(learn, state):
+def set_rng_state(learn, state):
     py, npy, cpu, cuda, dls = state
     random.setstate(py); np.random.set_state(npy); torch.set_rng_state(cpu)
     if cuda is not None: torch.cuda.set_rng_state_all(cuda)
@@ -122,7 +119,7 @@ def find_lrs(learn, num_it=100, start_lr=1e-7, end_lr=10, rule=choose_lrs):
     # fastai restores the weights itself, but not the optimizer's absence, the recorder or the random
     # streams, and its optimizer state has leaked into later fits before (fastai #3013, #2892).
     weights = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
-    rng, opt, path = _rng_state(learn), learn.opt, learn.path
+    rng, opt, path = rng_state(learn), learn.opt, learn.path
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory() as tmp:  # lr_find saves a snapshot under learn.path
@@ -132,7 +129,7 @@ def find_lrs(learn, num_it=100, start_lr=1e-7, end_lr=10, rule=choose_lrs):
     finally:
         learn.path, learn.opt = path, opt
         learn.model.load_state_dict(weights)
-        _set_rng_state(learn, rng)
+        set_rng_state(learn, rng)
         learn.recorder.lrs, learn.recorder.losses, learn.recorder.values, learn.recorder.iters = [], [], [], []
     sugg = suggest(lrs, losses, num_it)
     lr_min, lr_max, why = rule(sugg)
@@ -159,157 +156,6 @@ def one_cycle_kwargs(lr_min, lr_max, pct_start=PEAK):
 def fit_assignment(learn, epochs, lr_min, lr_max, cbs=None, **kwargs):
     "Train with fastai's `fit_one_cycle` on the assignment's schedule."
     learn.fit_one_cycle(epochs, cbs=cbs, **one_cycle_kwargs(lr_min, lr_max), **kwargs)
-
-
-class RunLog(Callback):
-    "Appends metrics.csv (an epoch a row) and schedule.csv (a step a row) as training goes, and adds LR to fastai's table."
-    order = Recorder.order + 1  # after the Recorder has filled its log for the epoch
-    METRICS = ('epoch', 'lr', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds')
-
-    def __init__(self, folder): self.folder = Path(folder)
-
-    def before_fit(self):
-        self.recorder.metric_names.insert(1, 'lr')
-        self.rows, self.muted = [], None
-
-    def after_cancel_epoch(self):
-        # An epoch fastai skips on resume (`start_epoch`): keep the Recorder's empty row off the console.
-        self.muted, self.learn.logger = self.learn.logger, noop
-
-    def before_epoch(self): self.start, self.rows = time.perf_counter(), []
-
-    def after_batch(self):
-        if not self.training: return
-        step = self.epoch * self.n_iter + self.iter
-        self.rows.append((step, round(step / self.n_iter, 6), self.opt.hypers[-1]['lr']))
-
-    def after_validate(self):
-        # The row reads like the assignment's log: epochs count from 1, with the LR the epoch started at
-        # (epoch 1 shows LRMIN; the peak, LRMAX, is where epoch 6 of 24 starts).
-        log = self.recorder.log
-        log[0] = self.epoch + 1
-        log.insert(1, self.rows[0][2] if self.rows else float('nan'))
-
-    def after_epoch(self):
-        if self.muted is not None:
-            self.learn.logger, self.muted = self.muted, None
-            return
-        log = self.recorder.log
-        self._append('schedule.csv', ('step', 'epoch', 'lr'), self.rows)
-        self._append('metrics.csv', self.METRICS, [(*log[:6], round(time.perf_counter() - self.start, 3))])
-
-    def _append(self, name, header, rows):
-        f = self.folder / name
-        new = not f.exists()
-        with open(f, 'a', newline='') as fh:
-            w = csv.writer(fh, lineterminator='\n')
-            if new: w.writerow(header)
-            w.writerows(rows)
-
-
-class ETA(Callback):
-    "Prints the run's expected duration after its first timed batches, and suggests --subset when that is hours."
-    order, run_valid = 70, False
-
-    def __init__(self, timed=5, hint='for a quick CPU run, try --subset 5000'): self.timed, self.hint = timed, hint
-
-    def before_fit(self): self.done = False
-
-    def after_batch(self):
-        if self.done: return
-        if self.iter == 0: self.t0 = time.perf_counter(); return  # the first batch is warm-up
-        if self.iter < self.timed and self.iter < self.n_iter - 1: return
-        per_batch = (time.perf_counter() - self.t0) / self.iter
-        # Validation runs forward only: about a third of a training batch.
-        secs = per_batch * (len(self.dls.train) + len(self.dls.valid) / 3) * (self.n_epoch - self.epoch)
-        msg = f'ETA: about {_hms(secs)} for {self.n_epoch - self.epoch} epoch(s), {per_batch:.2f} s a batch'
-        if secs > 3600: msg += f'; {self.hint}'
-        print(msg, flush=True)
-        self.done = True
-
-
-def _hms(secs):
-    h, m = divmod(round(secs / 60), 60)
-    return f'{h} h {m} min' if h else f'{m} min' if m else f'{round(secs)} s'
-
-
-def plain_console(learn):
-    "Keep fastai's epoch table but drop its progress bars, for logs: fastprogress 1.0 draws bars even into files."
-    learn.remove_cb(ProgressCallback)
-    learn.logger = _TableRows(learn)
-
-
-class _TableRows:
-    "fastai's console table without a progress bar: a header at the start of each fit, then a row an epoch."
-    def __init__(self, learn): self.learn, self.names = learn, None
-
-    def __call__(self, log):
-        names = list(self.learn.recorder.metric_names)
-        if names != self.names:
-            self.names = names
-            print('  '.join(f'{n:<8}' for n in names), flush=True)
-        cells = [f'{v:.6f}' if isinstance(v, float) else str(v) for v in log]
-        print('  '.join(f'{c:<{max(8, len(n))}}' for c, n in zip(cells, names)), flush=True)
-
-
-class Diverged(RunError):
-    "The training loss became NaN or infinite."
-    # fastai rewrites the message of an exception raised in a callback; `msg` keeps the one-line original.
-    def __init__(self, msg): super().__init__(msg); self.msg = msg
-
-
-class StopOnDivergence(Callback):
-    "Stops training at the first non-finite loss, saying where and what to try, before the weights are stepped."
-    order = -10  # after_loss, before the backward pass and the optimizer step
-
-    def after_loss(self):
-        if self.training and not torch.isfinite(self.loss).all():
-            raise Diverged(f'training diverged: the loss became {float(self.loss.detach().mean())} at epoch {self.epoch + 1}, '
-                           f'step {self.iter + 1} (LR {self.opt.hypers[-1]["lr"]:.3g}); try a lower --lr-max')
-
-
-class Checkpoint(Callback):
-    "After each epoch, saves model, optimizer, epochs done and every random stream to one file, atomically."
-    order = RunLog.order + 1  # after the epoch's rows are in metrics.csv
-
-    def __init__(self, path, resumed=None, **extra): self.path, self.resumed, self.extra = Path(path), resumed, extra
-
-    def before_fit(self):
-        # The Recorder has just reset its smoothed loss; a resumed run carries on the killed run's smoothing,
-        # so its train_loss column matches an uninterrupted run's too.
-        if self.resumed: self.recorder.smooth_loss.count, self.recorder.smooth_loss.val = self.resumed['smooth']
-
-    def after_cancel_epoch(self): self.skipped = True
-
-    def after_epoch(self):
-        if getattr(self, 'skipped', False): self.skipped = False; return
-        sm, model = self.recorder.smooth_loss, getattr(self.model, 'module', self.model)  # unwrap DDP
-        state = dict(epoch=self.epoch + 1, model=model.state_dict(), opt=self.opt.state_dict(),
-                     rng=_rng_state(self.learn), smooth=(sm.count, sm.val), **self.extra)
-        tmp = self.path.with_suffix('.tmp')
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)  # a kill mid-save leaves the previous checkpoint whole
-
-
-def load_checkpoint(learn, path):
-    "Put a `Checkpoint` back into `learn` (weights, optimizer, random streams); returns the saved dict."
-    state = torch.load(path, map_location=learn.dls.device, weights_only=False)
-    learn.model.load_state_dict(state['model'])
-    learn.create_opt()
-    learn.opt.load_state_dict(state['opt'])
-    _set_rng_state(learn, state['rng'])
-    return state
-
-
-def truncate_logs(folder, epochs, steps_per_epoch):
-    "Cut metrics.csv and schedule.csv back to `epochs` finished epochs, so a resumed run logs each epoch once."
-    for name, keep in (('metrics.csv', epochs), ('schedule.csv', epochs * steps_per_epoch)):
-        f = Path(folder) / name
-        if not f.exists(): continue
-        lines = f.read_text().splitlines(keepends=True)
-        tmp = f.with_suffix('.tmp')
-        tmp.write_text(''.join(lines[:keep + 1]))  # the header and the rows to keep
-        os.replace(tmp, f)
 
 
 # ---- several processes: torchrun / accelerate launch -----------------------------------------------------------

@@ -14,7 +14,8 @@ from arch import custom_resnet
 from cli import UsageError, user_errors
 from data import balanced_subset, resolve_path, scan_folder
 from report import read_csv
-from train import PEAK, cifar_learner, fit_assignment, plain_console
+from callbacks import plain_console
+from train import PEAK, cifar_learner, fit_assignment
 
 
 # ---- 1. this suite: experiments/run.py, one process per seed -------------------------------------------------

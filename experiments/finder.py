@@ -9,7 +9,8 @@ from fastai.torch_core import set_seed
 from cli import user_errors
 from data import cifar_dls
 from report import plot_lr_find
-from train import cifar_learner, find_lrs, plain_console
+from callbacks import plain_console
+from train import cifar_learner, find_lrs
 
 
 @call_parse

@@ -16,8 +16,8 @@ from cli import RunError, UsageError, user_errors
 from data import cifar_dls
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
-from train import (ETA, PEAK, Checkpoint, Diverged, RunLog, StopOnDivergence, broadcast, cifar_learner, distributed,
-                   find_lrs, fit_assignment, load_checkpoint, plain_console, single_process, truncate_logs)
+from callbacks import ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, truncate_logs
+from train import PEAK, broadcast, cifar_learner, distributed, find_lrs, fit_assignment, single_process
 
 
 def check_flags(epochs, bs, subset, lr_min, lr_max, find_iters, **_):

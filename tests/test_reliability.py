@@ -7,7 +7,8 @@ from fastai.torch_core import set_seed
 
 from conftest import ROOT, make_folder, run_script
 from data import cifar_dls
-from train import Checkpoint, Diverged, RunLog, StopOnDivergence, cifar_learner, fit_assignment
+from callbacks import Checkpoint, Diverged, RunLog, StopOnDivergence
+from train import cifar_learner, fit_assignment
 
 FLAGS = ['--epochs', '4', '--bs', '20', '--lr-min', '0.01', '--lr-max', '0.1', '--seed', '3']
 

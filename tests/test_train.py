@@ -8,7 +8,8 @@ from fastai.torch_core import set_seed
 from conftest import make_folder
 from data import cifar_dls
 from report import read_csv
-from train import PEAK, RunLog, cifar_learner, find_lrs, fit_assignment, one_cycle_kwargs
+from callbacks import RunLog
+from train import PEAK, cifar_learner, find_lrs, fit_assignment, one_cycle_kwargs
 
 LR_MIN, LR_MAX = 0.01, 0.4
 
