@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+import fastai.callback.hook  # noqa: F401  (it patches Learner.summary onto the learners built here)
 from fastai.callback.schedule import minimum, slide, steep, valley
 from fastai.distributed import DistributedDL
 from fastai.learner import Learner
@@ -71,7 +72,9 @@ def choose_lrs(sugg):
     # LRMAX = slide: the largest LR before the loss turns up (0.21 on CIFAR-10 at batch 512, where
     # cifar10-fast's proven peak is 0.4). LRMIN = valley: where the loss starts its long descent (0.0063),
     # so the run starts and ends at an LR that trains, 33x below the peak. See README, "Choosing LRMIN and LRMAX".
-    lr_max, why_max = (sugg['slide'], 'slide') if _ok(sugg['slide']) else (sugg['minimum'], 'minimum (no slide)')
+    # On short or noisy curves `slide` can land below the descent (or be missing); `minimum` stands in then.
+    if _ok(sugg['slide']) and not sugg['slide'] <= sugg['valley']: lr_max, why_max = sugg['slide'], 'slide'
+    else: lr_max, why_max = sugg['minimum'], 'minimum (slide missing or below valley)'
     if _ok(sugg['valley']) and sugg['valley'] < lr_max: lr_min, why_min = sugg['valley'], 'valley'
     else: lr_min, why_min = lr_max / 25, 'LRMAX/25 (valley not below LRMAX)'  # fastai's default div
     return lr_min, lr_max, f'LRMIN = {why_min}, LRMAX = {why_max}'

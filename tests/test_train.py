@@ -9,7 +9,7 @@ from conftest import make_folder
 from data import cifar_dls
 from report import read_csv
 from callbacks import RunLog
-from train import PEAK, cifar_learner, find_lrs, fit_assignment, one_cycle_kwargs
+from train import PEAK, choose_lrs, cifar_learner, find_lrs, fit_assignment, one_cycle_kwargs
 
 LR_MIN, LR_MAX = 0.01, 0.4
 
@@ -75,3 +75,21 @@ def test_training_after_the_finder_equals_training_without_it(micro):
     (w1, v1), (w2, v2) = runs
     assert v1 == v2
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
+NAN = float('nan')
+
+
+@pytest.mark.parametrize('sugg,expected', [
+    # the full-data finder at batch 512 (results/lr_find): slide and valley
+    (dict(minimum=0.0525, steep=0.0832, valley=0.0063, slide=0.209), (0.0063, 0.209)),
+    # a curve too short for slide: minimum stands in
+    (dict(minimum=0.02, steep=0.05, valley=0.003, slide=NAN), (0.003, 0.02)),
+    # a noisy curve where slide lands below the descent: minimum again
+    (dict(minimum=0.025, steep=0.14, valley=0.001, slide=1.2e-6), (0.001, 0.025)),
+    # valley not below LRMAX: fastai's default div of 25
+    (dict(minimum=0.01, steep=0.05, valley=0.3, slide=NAN), (0.01 / 25, 0.01)),
+])
+def test_the_lr_rule(sugg, expected):
+    lr_min, lr_max, why = choose_lrs(sugg)
+    assert (lr_min, lr_max) == pytest.approx(expected) and lr_min < lr_max and why
