@@ -56,6 +56,7 @@ from arch import BLOCKS, custom_resnet  # noqa: E402  (below gradcam, which need
 from cli import UsageError, user_errors  # noqa: E402
 from data import cifar_dls  # noqa: E402
 from interpret import denorm, interpret, top_misclassified  # noqa: E402
+from report import save_figure  # noqa: E402
 from train import cifar_learner  # noqa: E402
 
 
@@ -93,12 +94,6 @@ def _overlay(ax, img, cam, title):
     ax.axis('off')
 
 
-def _save(fig, path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path.name
-
-
 def draw(model, interp, idx, x, layer, out):
     "One Grad-CAM figure per image (original, predicted-class CAM, true-class CAM) and gradcam.png with all."
     vocab, t, p = interp.vocab, interp.targs[idx], interp.decoded[idx]
@@ -113,7 +108,7 @@ def draw(model, interp, idx, x, layer, out):
         _overlay(axs[1], imgs[k], cam_p[k], f'CAM of predicted {vocab[p[k]]} ({prob:.2f})')
         _overlay(axs[2], imgs[k], cam_t[k], f'CAM of true {vocab[t[k]]}')
         fig.suptitle(f'test image {i}: {layer}', fontsize=9)
-        files.append(_save(fig, out / f'gradcam_{k + 1:02d}.png'))
+        files.append(save_figure(fig, out / f'gradcam_{k + 1:02d}.png').name)
     n = len(idx)
     fig = Figure(figsize=(1.9 * n + 0.8, 6.2))
     axs = np.array(fig.subplots(3, n, squeeze=False))
@@ -123,7 +118,7 @@ def draw(model, interp, idx, x, layer, out):
         _overlay(axs[1, k], imgs[k], cam_p[k], f'pred {vocab[p[k]]} ({prob:.2f})')
         _overlay(axs[2, k], imgs[k], cam_t[k], f'CAM of {vocab[t[k]]}')
     fig.suptitle(f'Grad-CAM at {layer}: rows are the image, the predicted class\'s map, the true class\'s map')
-    return files, _save(fig, out / 'gradcam.png')
+    return files, save_figure(fig, out / 'gradcam.png').name
 
 
 def compare_layers(model, interp, idx, x, out):
@@ -138,7 +133,7 @@ def compare_layers(model, interp, idx, x, out):
         for j, name in enumerate(BLOCKS, 1):
             _overlay(axs[k, j], imgs[k], cams[name][k], name)
     fig.suptitle('Grad-CAM of the predicted class at each block (prep 32×32, layer1 16×16, layer2 8×8, layer3 4×4)', fontsize=9)
-    return _save(fig, out / 'gradcam_layers.png')
+    return save_figure(fig, out / 'gradcam_layers.png').name
 
 
 def add_to_report(report, layer, files, grid, layers_png, note):

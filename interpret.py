@@ -5,6 +5,8 @@ from fastai.interpret import ClassificationInterpretation
 from fastai.vision.core import cifar_stats
 from matplotlib.figure import Figure
 
+from report import save_figure
+
 __all__ = ['interpret', 'top_misclassified', 'denorm', 'most_confused', 'plot_misclassified', 'plot_confusion']
 
 
@@ -56,8 +58,7 @@ def plot_misclassified(interp, path, k=25):
     for ax in axs: ax.axis('off')
     fig.suptitle(f'{len(idx)} misclassified test images with the highest loss '
                  f'(of {int((interp.decoded != interp.targs).sum())} misclassified)')
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     return idx
 
 
@@ -74,5 +75,4 @@ def plot_confusion(interp, path):
     for i, j in np.ndindex(cm.shape):
         ax.text(j, i, cm[i, j], ha='center', va='center', fontsize=8, color='white' if cm[i, j] > cm.max() / 2 else 'black')
     fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)

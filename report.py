@@ -4,7 +4,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure  # no pyplot: no display, no global backend, nothing to close
 
-__all__ = ['read_csv', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report']
+__all__ = ['read_csv', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report']
 
 DPI = 100
 
@@ -14,7 +14,8 @@ def read_csv(path):
     with open(path, newline='') as fh: return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    "Lay out and save a `Figure` as a PNG; returns the path."
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     return Path(path)
@@ -33,7 +34,7 @@ def plot_lr_find(found, path):
     ax.axvline(found.lr_max, color='tab:red', ls='--', label=f'LRMAX {found.lr_max:.2e}')
     ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed training loss', title=f'lr_find ({found.rule})')
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _interp(x, xs, ys):
@@ -51,7 +52,7 @@ def plot_schedule(rows, path, lr_min, lr_max, peak_epoch):
     ax.axhline(lr_min, color='tab:green', ls='--', lw=0.8, label=f'LRMIN {lr_min:.3g}')
     ax.set(xlabel='epoch', ylabel='learning rate', title='one-cycle schedule (no annihilation)')
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(rows, path):
@@ -65,7 +66,7 @@ def plot_curves(rows, path):
     ax_loss.set(xlabel='epoch', ylabel='loss', title='loss')
     ax_acc.set(xlabel='epoch', ylabel='accuracy (%)', title='accuracy')
     for ax in (ax_loss, ax_acc): ax.legend(); ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_report(folder, config, found, sections=()):

@@ -21,7 +21,7 @@ from arch import custom_resnet
 from cli import UsageError
 
 __all__ = ['PEAK', 'ScaledCrossEntropy', 'cifar_learner', 'LRFind', 'FinderError', 'find_lrs', 'choose_lrs',
-           'suggest', 'rng_state', 'set_rng_state', 'one_cycle_kwargs', 'fit_assignment', 'distributed',
+           'suggest', 'describe', 'rng_state', 'set_rng_state', 'one_cycle_kwargs', 'fit_assignment', 'distributed',
            'single_process', 'broadcast']
 
 PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all training steps
@@ -60,6 +60,8 @@ class LRFind:
     lrs: list = field(repr=False, default_factory=list)
     losses: list = field(repr=False, default_factory=list)
     seconds: float = 0.
+
+    def __str__(self): return describe(self.suggestions, self.lr_min, self.lr_max, self.rule)
 
     def to_json(self):
         "The json-safe summary (no curve; a suggestion the curve could not give is null)."
@@ -137,7 +139,7 @@ def find_lrs(learn, num_it=100, start_lr=1e-7, end_lr=10, rule=choose_lrs):
     sugg = suggest(lrs, losses, num_it)
     lr_min, lr_max, why = rule(sugg)
     if not (_ok(lr_min) and _ok(lr_max)):
-        raise FinderError(f'lr_find could not choose LRs from its curve ({_fmt(sugg)}); pass --lr-min and '
+        raise FinderError(f'lr_find could not choose LRs from its curve ({describe(sugg)}); pass --lr-min and '
                           '--lr-max, or give the finder more steps (--find-iters) or more data (--subset)')
     return LRFind(sugg, float(lr_min), float(lr_max), why, lrs, losses, time.perf_counter() - start)
 
@@ -146,7 +148,10 @@ class FinderError(UsageError):
     "The finder's curve was too short or too flat to choose LRMIN and LRMAX from."
 
 
-def _fmt(sugg): return ', '.join(f'{k} {v:.3g}' for k, v in sugg.items())
+def describe(sugg, lr_min=None, lr_max=None, rule=None):
+    "One line for the console: the suggestions and, when given, the chosen LRMIN and LRMAX and why."
+    line = ', '.join(f'{k} {v:.3g}' for k, v in sugg.items())
+    return line + (f' -> LRMIN {lr_min:.3g}, LRMAX {lr_max:.3g} ({rule})' if lr_max is not None else '')
 
 
 def one_cycle_kwargs(lr_min, lr_max, pct_start=PEAK):

@@ -33,5 +33,4 @@ def main(data: str = None,       # CIFAR folder with train/ and test/ (default: 
             res = dict(seed=seed, bs=bs, subset=subset, device=str(learn.dls.device), **found.to_json())
             (out / f'lr_find-seed{seed}.json').write_text(json.dumps(res, indent=2) + '\n')
             plot_lr_find(found, out / f'lr_find-seed{seed}.png')
-            print(f'seed {seed}: ' + ', '.join(f'{k} {v:.3g}' for k, v in found.suggestions.items())
-                  + f' -> LRMIN {found.lr_min:.3g}, LRMAX {found.lr_max:.3g} ({found.rule}); {found.seconds:.0f} s', flush=True)
+            print(f'seed {seed}: {found}; {found.seconds:.0f} s', flush=True)

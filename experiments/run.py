@@ -144,8 +144,7 @@ def choose_lrs(learn, flags, config, out, main=True):
         lr = found.to_json()
         if main:
             plot_lr_find(found, out / 'lr_find.png')
-            print('lr_find: ' + ', '.join(f'{k} {v:.3g}' for k, v in found.suggestions.items())
-                  + f' -> LRMIN {found.lr_min:.3g}, LRMAX {found.lr_max:.3g} ({found.rule})', flush=True)
+            print(f'lr_find: {found}', flush=True)
     if main: save_json(out / 'lr_find.json', lr)
     return lr
 
