@@ -147,7 +147,8 @@ class Checkpoint(Callback):
 
 def load_checkpoint(learn, path):
     "Put a `Checkpoint` back into `learn` (weights, optimizer, random streams); returns the saved dict."
-    state = torch.load(path, map_location=learn.dls.device, weights_only=False)
+    # On the CPU: torch.set_rng_state takes CPU tensors only; weights and optimizer state follow their parameters.
+    state = torch.load(path, map_location='cpu', weights_only=False)
     learn.model.load_state_dict(state['model'])
     learn.create_opt()
     learn.opt.load_state_dict(state['opt'])

@@ -113,6 +113,7 @@ def _unwrap(dl): return getattr(dl, 'dl', dl)  # the loader inside fastai's Dist
 
 
 def set_rng_state(learn, state):
+    "Rewind every random stream to what `rng_state` returned."
     py, npy, cpu, cuda, dls = state
     random.setstate(py); np.random.set_state(npy); torch.set_rng_state(cpu)
     if cuda is not None: torch.cuda.set_rng_state_all(cuda)
