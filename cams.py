@@ -8,15 +8,9 @@ import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
 from matplotlib.figure import Figure
 
-__all__ = ['gradcam', 'layer_of']
+__all__ = ['gradcam']
 
 ROOT = Path(__file__).resolve().parent
-
-
-def layer_of(model, name):
-    "The named block of `model` (prep, layer1, layer2, layer3, or any dotted submodule name)."
-    try: return model.get_submodule(name)
-    except AttributeError: return None
 
 
 def gradcam(model, x, layer, target=None):
@@ -97,8 +91,9 @@ def _overlay(ax, img, cam, title):
 def draw(model, interp, idx, x, layer, out):
     "One Grad-CAM figure per image (original, predicted-class CAM, true-class CAM) and gradcam.png with all."
     vocab, t, p = interp.vocab, interp.targs[idx], interp.decoded[idx]
-    cam_p = gradcam(model, x, layer_of(model, layer), p.to(x.device)).cpu()
-    cam_t = gradcam(model, x, layer_of(model, layer), t.to(x.device)).cpu()
+    block = model.get_submodule(layer)
+    cam_p = gradcam(model, x, block, p.to(x.device)).cpu()
+    cam_t = gradcam(model, x, block, t.to(x.device)).cpu()
     imgs, files = denorm(x), []
     for k, i in enumerate(idx.tolist()):
         prob = float(interp.preds[i, p[k]])
@@ -124,7 +119,7 @@ def draw(model, interp, idx, x, layer, out):
 def compare_layers(model, interp, idx, x, out):
     "The predicted class's Grad-CAM of the same images at every block, from 32×32 (prep) to 4×4 (layer3)."
     p = interp.decoded[idx].to(x.device)
-    cams = {name: gradcam(model, x, layer_of(model, name), p).cpu() for name in BLOCKS}
+    cams = {name: gradcam(model, x, model.get_submodule(name), p).cpu() for name in BLOCKS}
     imgs, n = denorm(x), len(idx)
     fig = Figure(figsize=(1.9 * (len(BLOCKS) + 1), 1.9 * n + 0.6))
     axs = np.array(fig.subplots(n, len(BLOCKS) + 1, squeeze=False))
