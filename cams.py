@@ -14,7 +14,10 @@ ROOT = Path(__file__).resolve().parent
 
 
 def gradcam(model, x, layer, target=None):
-    "Grad-CAM maps (N×H×W in [0, 1], input resolution) of `target` classes, default the predicted ones, at `layer`."
+    "Grad-CAM maps (N×H×W in [0, 1], on the model's device) of `target` classes, default the predicted ones, at `layer`."
+    # `x` goes to the model, not the model to `x`: fastai's Interpretation hands back its inputs on the CPU
+    # whatever device the model trains on, and moving a user's model behind their back would surprise them.
+    x = x.to(next(model.parameters()).device)
     acts = []
     def keep(module, inp, out):
         acts.append(out)

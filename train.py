@@ -116,7 +116,9 @@ def set_rng_state(learn, state):
     "Rewind every random stream to what `rng_state` returned."
     py, npy, cpu, cuda, dls = state
     random.setstate(py); np.random.set_state(npy); torch.set_rng_state(cpu)
-    if cuda is not None: torch.cuda.set_rng_state_all(cuda)
+    # A run resumed on another machine may have fewer GPUs, or none: each GPU present gets its saved stream.
+    if cuda is not None and torch.cuda.is_available():
+        for i, s in enumerate(cuda[:torch.cuda.device_count()]): torch.cuda.set_rng_state(s, i)
     for dl, s in zip(learn.dls.loaders, dls): _unwrap(dl).rng.setstate(s)
 
 

@@ -35,7 +35,10 @@ def check_flags(epochs, bs, subset, lr_min, lr_max, find_iters, **_):
 def pick_device(device):
     "The torch device to train on, or a usage error that says why it can't be used."
     if device is None and num_distrib() > 1 and torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
-        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        rank, gpus = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
+        if rank >= gpus: raise UsageError(f'process {rank} has no GPU of its own ({gpus} GPU(s) here); start at most '
+                                          f'{gpus} process(es) per machine, or pass --device cpu')
+        torch.cuda.set_device(rank)
         return torch.device('cuda', torch.cuda.current_device())
     if device is None: return default_device()
     try: dev = torch.device(device)
@@ -99,8 +102,8 @@ def run(**flags):
         with single_process(): return finish(learn, config, lr, out, t_start)
 
 
-def resume_run(folder):
-    "Continue a killed run from its last finished epoch, with its own flags, seed and LRs (no new lr_find)."
+def resume_run(folder, device=None):
+    "Continue a killed run from its last finished epoch, with its own flags, seed and LRs (no new lr_find), on `device` or its own."
     folder = Path(folder)
     if not folder.is_dir(): raise UsageError(f'--resume {folder}: no such run folder')
     if not (folder / 'config.json').exists(): raise UsageError(f'--resume {folder}: not a run folder (no config.json)')
@@ -112,7 +115,10 @@ def resume_run(folder):
     if world != config.get('processes', 1):
         raise UsageError(f'--resume {folder}: the run used {config.get("processes", 1)} process(es); resume it with as many')
     lr = json.loads((folder / 'lr_find.json').read_text())
-    dev = pick_device(config['device'] if world == 1 else None)
+    if device is None and world == 1 and config['device'].startswith('cuda') and not torch.cuda.is_available():
+        raise UsageError(f'--resume {folder}: the run trained on {config["device"]}, and this machine has no CUDA GPU; '
+                         'add --device cpu to continue it here')
+    dev = pick_device(device if device is not None or world > 1 else config['device'])
     dls = cifar_dls(config['data'], bs=config['bs'] // world, subset=config['subset'], device=dev, seed=config['seed'],
                     verbose=main)
     learn = make_learner(dls, folder)
@@ -162,7 +168,7 @@ def fit_run(learn, config, lr, out, main=True, resumed=None):
     try: fit_assignment(learn, config['epochs'], lr['lr_min'], lr['lr_max'], cbs=cbs, start_epoch=start_epoch)
     except Diverged as e:
         ck = out / 'checkpoint.pth' if out else None
-        kept = (f'the last good checkpoint (epoch {torch.load(ck, weights_only=False)["epoch"]}) is {ck}'
+        kept = (f'the last good checkpoint (epoch {torch.load(ck, map_location="cpu", weights_only=False)["epoch"]}) is {ck}'
                 if ck and ck.exists() else 'no epoch had finished')
         raise RunError(f'{e.msg} (it was {lr["lr_max"]:.3g}); {kept}') from None
     if main: config['seconds']['train'] = round(prior + time.perf_counter() - t, 2)
@@ -219,10 +225,10 @@ def main(epochs: int = 24,       # training epochs; the LR peaks after 5/24 of t
          lr_max: float = None,   # LRMAX, the schedule's peak
          device: str = None,     # torch device, e.g. cuda, cuda:1, cpu (default: the GPU if there is one)
          find_iters: int = 100,  # lr_find's mock-training steps
-         resume: str = None,     # a killed run's folder: continue it from its last finished epoch
+         resume: str = None,     # a killed run's folder: continue it from its last finished epoch (with --device: there)
          ):
     "Train the custom ResNet on CIFAR-10 with lr_find and the assignment's one-cycle, and explain it in a run folder."
     with user_errors('run.py'):
-        if resume: return resume_run(resume)
+        if resume: return resume_run(resume, device)  # --device moves a run to another device, e.g. a GPU run to a CPU
         return run(epochs=epochs, bs=bs, data=data, out=out, seed=seed, subset=subset, lr_min=lr_min,
                    lr_max=lr_max, device=device, find_iters=find_iters)

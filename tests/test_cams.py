@@ -83,6 +83,13 @@ def test_hooked_layer_followed_by_an_inplace_relu(trained):
                           textbook(plain, x, plain.get_submodule(bn), t), atol=1e-5)
 
 
+def test_x_goes_to_the_models_device(trained):
+    "fastai's Interpretation returns its images on the CPU while the model may sit on a GPU (seen on an H100)."
+    m = copy.deepcopy(trained).to('meta')  # a device other than x's that any machine has
+    cam = gradcam(m, torch.randn(2, 3, 32, 32), m.layer3, target=torch.tensor([1, 2]))
+    assert cam.shape == (2, 32, 32) and cam.device.type == 'meta'
+
+
 def test_mode_restored_and_hooks_removed_even_on_error(trained):
     for p in trained.parameters(): p.grad = None
     trained.train()

@@ -3,7 +3,8 @@ import csv, json, sys
 
 from conftest import run_script
 
-FLAGS = ['--epochs', '1', '--bs', '20', '--lr-min', '0.01', '--lr-max', '0.1', '--seed', '0']
+# gloo on the CPU, also on a GPU machine: two processes need two GPUs for NCCL.
+FLAGS = ['--epochs', '1', '--bs', '20', '--lr-min', '0.01', '--lr-max', '0.1', '--seed', '0', '--device', 'cpu']
 
 
 def test_torchrun_two_processes_on_cpu(cifar10, tmp_path):

@@ -1,5 +1,5 @@
 """A killed run resumes exactly, the same seed gives the same run, a diverging run stops with a message, bad input is named."""
-import csv, os, signal, subprocess, sys, time
+import csv, json, os, signal, subprocess, sys, time
 
 import pytest
 import torch
@@ -10,7 +10,8 @@ from data import cifar_dls
 from callbacks import Checkpoint, Diverged, RunLog, StopOnDivergence
 from train import cifar_learner, fit_assignment
 
-FLAGS = ['--epochs', '4', '--bs', '20', '--lr-min', '0.01', '--lr-max', '0.1', '--seed', '3']
+# On the CPU: bit-for-bit equality is a CPU promise (CUDA's max-pool backward adds atomically, in any order).
+FLAGS = ['--epochs', '4', '--bs', '20', '--lr-min', '0.01', '--lr-max', '0.1', '--seed', '3', '--device', 'cpu']
 
 
 def rows(path, drop=('seconds',)):
@@ -36,8 +37,8 @@ def test_same_seed_same_metrics(data, uninterrupted, tmp_path):
     assert rows(tmp_path / 'again' / 'metrics.csv') == rows(uninterrupted / 'metrics.csv')
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(data, uninterrupted, tmp_path):
-    out = tmp_path / 'killed'
+def killed_run(data, out):
+    "A run of FLAGS killed with SIGKILL as soon as its first checkpoint is written."
     cmd = [sys.executable, 'experiments/run.py', '--data', str(data), *FLAGS, '--out', str(out)]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -46,6 +47,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(data, uninterrupted, tm
     p.wait()
     done = len(rows(out / 'metrics.csv'))
     assert 1 <= done < 4 and not (out / 'model.pth').exists()  # killed mid-run, after its first epoch
+    return out
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(data, uninterrupted, tmp_path):
+    out = killed_run(data, tmp_path / 'killed')
     r = run_script('experiments/run.py', '--resume', out)
     assert r.returncode == 0, r.stderr
     assert f'resuming {out} after epoch' in r.stdout
@@ -54,6 +60,23 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(data, uninterrupted, tm
     assert got == want  # the same LRs, losses and accuracies as a run that was never killed
     assert rows(out / 'schedule.csv') == rows(uninterrupted / 'schedule.csv')
     assert (out / 'model.pth').exists() and not (out / 'checkpoint.pth').exists()
+
+
+def test_a_gpu_run_resumes_on_another_device(data, tmp_path):
+    "A checkpoint written on a GPU (a CUDA random stream, device cuda:0) continues with --device cpu."
+    out = killed_run(data, tmp_path / 'gpu-run')
+    state = torch.load(out / 'checkpoint.pth', weights_only=False)
+    py, npy, cpu, _, dls = state['rng']
+    state['rng'] = (py, npy, cpu, [torch.zeros(16, dtype=torch.uint8)], dls)  # a CUDA generator's state: 16 bytes
+    torch.save(state, out / 'checkpoint.pth')
+    config = json.loads((out / 'config.json').read_text())
+    (out / 'config.json').write_text(json.dumps({**config, 'device': 'cuda:0'}))
+    if not torch.cuda.is_available():
+        r = run_script('experiments/run.py', '--resume', out)
+        assert r.returncode == 2 and 'add --device cpu' in r.stderr and 'Traceback' not in r.stderr
+    r = run_script('experiments/run.py', '--resume', out, '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    assert [g['epoch'] for g in rows(out / 'metrics.csv')] == ['1', '2', '3', '4'] and (out / 'model.pth').exists()
 
 
 @pytest.mark.parametrize('setup,message', [
