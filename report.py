@@ -2,7 +2,10 @@
 import csv
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no display, no global backend, nothing to close
+
+from lrfind import DESCENT
 
 __all__ = ['read_csv', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report']
 
@@ -21,8 +24,8 @@ def save_figure(fig, path):
     return Path(path)
 
 
-def plot_lr_find(found, path):
-    "The finder's loss against LR, with fastai's four suggestions and the chosen LRMIN and LRMAX marked."
+def plot_lr_find(found, path, title=None):
+    "The finder's loss against LR, with fastai's four suggestions, the rule's construction and LRMIN and LRMAX marked."
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     lrs, losses = found.lrs[:-5] or found.lrs, found.losses[:-5] or found.losses  # fastai's skip_end=5
@@ -30,10 +33,17 @@ def plot_lr_find(found, path):
     for (name, lr), m in zip(found.suggestions.items(), 'ov^s'):
         if lr != lr: continue  # NaN: the curve was too short for this suggestion
         ax.plot([lr], [_interp(lr, lrs, losses)], m, ms=8, label=f'{name} {lr:.2e}')
+    c = found.construction
+    if c is not None and c.fit:  # the rule's construction: the fitted parabola and the descent's threshold
+        lo, hi, a, b, k = c.fit
+        t = np.linspace(np.log10(lo), np.log10(hi), 50)
+        ax.plot(10 ** t, a * t ** 2 + b * t + k, color='tab:red', lw=2.5, alpha=0.35, label='parabola around the lowest loss')
+    if c is not None:
+        ax.axhline(c.threshold, color='tab:green', ls=':', lw=1, label=f'plateau − {DESCENT:.0%} of the drop')
     ax.axvline(found.lr_min, color='tab:green', ls='--', label=f'LRMIN {found.lr_min:.2e}')
     ax.axvline(found.lr_max, color='tab:red', ls='--', label=f'LRMAX {found.lr_max:.2e}')
-    ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed training loss', title=f'lr_find ({found.rule})')
-    ax.legend(fontsize=8)
+    ax.set(xscale='log', xlabel='learning rate', ylabel='smoothed training loss', title=title or 'lr_find')
+    ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 

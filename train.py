@@ -1,15 +1,12 @@
-"""Training on top of fastai: the learner, the finder's LRMIN/LRMAX rule, the assignment's one-cycle, several processes."""
-import os, random, tempfile, time
+"""Training on top of fastai: the learner, the assignment's one-cycle, random streams, several processes."""
+import os, random
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import fastai.callback.hook  # noqa: F401  (it patches Learner.summary onto the learners built here)
-from fastai.callback.schedule import minimum, slide, steep, valley
 from fastai.distributed import DistributedDL
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
@@ -18,11 +15,9 @@ from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib
 
 from arch import custom_resnet
-from cli import UsageError
 
-__all__ = ['PEAK', 'ScaledCrossEntropy', 'cifar_learner', 'LRFind', 'FinderError', 'find_lrs', 'choose_lrs',
-           'suggest', 'describe', 'rng_state', 'set_rng_state', 'one_cycle_kwargs', 'fit_assignment', 'distributed',
-           'single_process', 'broadcast']
+__all__ = ['PEAK', 'ScaledCrossEntropy', 'cifar_learner', 'rng_state', 'set_rng_state', 'one_cycle_kwargs',
+           'fit_assignment', 'distributed', 'single_process', 'broadcast']
 
 PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all training steps
 
@@ -50,58 +45,6 @@ def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_sm
     return learn
 
 
-@dataclass
-class LRFind:
-    "What `find_lrs` found: fastai's four suggestions, the chosen LRMIN and LRMAX, and the finder's curve."
-    suggestions: dict
-    lr_min: float
-    lr_max: float
-    rule: str
-    lrs: list = field(repr=False, default_factory=list)
-    losses: list = field(repr=False, default_factory=list)
-    seconds: float = 0.
-
-    def __str__(self): return describe(self.suggestions, self.lr_min, self.lr_max, self.rule)
-
-    def to_json(self):
-        "The json-safe summary (no curve; a suggestion the curve could not give is null)."
-        sugg = {k: v if _ok(v) else None for k, v in self.suggestions.items()}
-        return dict(suggestions=sugg, lr_min=self.lr_min, lr_max=self.lr_max, rule=self.rule, seconds=self.seconds)
-
-
-def choose_lrs(sugg):
-    "LRMIN, LRMAX and the rule's wording, from fastai's four suggestions (minimum, steep, valley, slide)."
-    # LRMAX = slide: the largest LR before the loss turns up (0.21 on CIFAR-10 at batch 512, where
-    # cifar10-fast's proven peak is 0.4). LRMIN = valley: where the loss starts its long descent (0.0063),
-    # so the run starts and ends at an LR that trains, 33x below the peak. See README, "Choosing LRMIN and LRMAX".
-    # On short or noisy curves `slide` can land below the descent (or be missing); `minimum` stands in then.
-    if _ok(sugg['slide']) and not sugg['slide'] <= sugg['valley']: lr_max, why_max = sugg['slide'], 'slide'
-    else: lr_max, why_max = sugg['minimum'], 'minimum (slide missing or below valley)'
-    if _ok(sugg['valley']) and sugg['valley'] < lr_max: lr_min, why_min = sugg['valley'], 'valley'
-    else: lr_min, why_min = lr_max / 25, 'LRMAX/25 (valley not below LRMAX)'  # fastai's default div
-    return lr_min, lr_max, f'LRMIN = {why_min}, LRMAX = {why_max}'
-
-
-def _ok(lr): return lr == lr and 0 < lr < float('inf')  # positive and not NaN
-
-
-SUGGESTIONS = {f.__name__: f for f in (minimum, steep, valley, slide)}  # fastai's four, by name
-
-
-def suggest(lrs, losses, num_it):
-    "fastai's four suggestions for a finder curve, each NaN where the curve is too short or too flat for it."
-    # Learner.lr_find's own trimming (the first tenth, the last 5 points, anything after a NaN). We call the
-    # functions ourselves because lr_find fails outright when one does: `slide` needs 16 points.
-    lrs, losses = torch.tensor(lrs[num_it // 10:-5]), torch.tensor(losses[num_it // 10:-5])
-    nan = torch.isnan(losses).nonzero()
-    if len(nan): lrs, losses = lrs[:nan[0, 0]], losses[:nan[0, 0]]
-    out = {}
-    for name, f in SUGGESTIONS.items():
-        try: out[name] = float(f(lrs, losses, num_it)[0])
-        except (IndexError, ValueError, RuntimeError): out[name] = float('nan')
-    return out
-
-
 def rng_state(learn):
     "Every random stream a fit draws from: Python, NumPy, torch (CPU and CUDA) and each DataLoader's own."
     return (random.getstate(), np.random.get_state(), torch.get_rng_state(),
@@ -120,41 +63,6 @@ def set_rng_state(learn, state):
     if cuda is not None and torch.cuda.is_available():
         for i, s in enumerate(cuda[:torch.cuda.device_count()]): torch.cuda.set_rng_state(s, i)
     for dl, s in zip(learn.dls.loaders, dls): _unwrap(dl).rng.setstate(s)
-
-
-def find_lrs(learn, num_it=100, start_lr=1e-7, end_lr=10, rule=choose_lrs):
-    "Run fastai's `lr_find`, pick LRMIN and LRMAX with `rule`, and leave `learn` exactly as it was before."
-    # fastai restores the weights itself, but not the optimizer's absence, the recorder or the random
-    # streams, and its optimizer state has leaked into later fits before (fastai #3013, #2892).
-    weights = {k: v.detach().clone() for k, v in learn.model.state_dict().items()}
-    rng, opt, path = rng_state(learn), learn.opt, learn.path
-    start = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory() as tmp:  # lr_find saves a snapshot under learn.path
-            learn.path = Path(tmp)
-            learn.lr_find(start_lr=start_lr, end_lr=end_lr, num_it=num_it, show_plot=False, suggest_funcs=None)
-        lrs, losses = [float(v) for v in learn.recorder.lrs], [float(v) for v in learn.recorder.losses]
-    finally:
-        learn.path, learn.opt = path, opt
-        learn.model.load_state_dict(weights)
-        set_rng_state(learn, rng)
-        learn.recorder.lrs, learn.recorder.losses, learn.recorder.values, learn.recorder.iters = [], [], [], []
-    sugg = suggest(lrs, losses, num_it)
-    lr_min, lr_max, why = rule(sugg)
-    if not (_ok(lr_min) and _ok(lr_max)):
-        raise FinderError(f'lr_find could not choose LRs from its curve ({describe(sugg)}); pass --lr-min and '
-                          '--lr-max, or give the finder more steps (--find-iters) or more data (--subset)')
-    return LRFind(sugg, float(lr_min), float(lr_max), why, lrs, losses, time.perf_counter() - start)
-
-
-class FinderError(UsageError):
-    "The finder's curve was too short or too flat to choose LRMIN and LRMAX from."
-
-
-def describe(sugg, lr_min=None, lr_max=None, rule=None):
-    "One line for the console: the suggestions and, when given, the chosen LRMIN and LRMAX and why."
-    line = ', '.join(f'{k} {v:.3g}' for k, v in sugg.items())
-    return line + (f' -> LRMIN {lr_min:.3g}, LRMAX {lr_max:.3g} ({rule})' if lr_max is not None else '')
 
 
 def one_cycle_kwargs(lr_min, lr_max, pct_start=PEAK):
@@ -177,9 +85,11 @@ def distributed(learn):
     if num_distrib() <= 1: yield learn; return
     cpu = learn.dls.device.type == 'cpu'
     if cpu: os.environ.setdefault('ACCELERATE_USE_CPU', '1')  # accelerate otherwise looks for a GPU per process
+    fastai_broadcast, DistributedDL._broadcast = DistributedDL._broadcast, _broadcast_idxs  # only while we train here
     try:
         with learn.distrib_ctx(sync_bn=not cpu): yield learn  # SyncBatchNorm has no CPU kernel; NCCL GPUs get it
     finally:
+        DistributedDL._broadcast = fastai_broadcast
         if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 
 
@@ -210,6 +120,3 @@ def _broadcast_idxs(self, t, rank):
     t = torch.tensor([int(i) for i in t], dtype=torch.long, device='cuda' if gpu else 'cpu')
     torch.distributed.broadcast(t, rank)
     return t.cpu().tolist()
-
-
-DistributedDL._broadcast = _broadcast_idxs

@@ -10,7 +10,8 @@ from cli import user_errors
 from data import cifar_dls
 from report import plot_lr_find
 from callbacks import plain_console
-from train import cifar_learner, find_lrs
+from lrfind import find_lrs
+from train import cifar_learner
 
 
 @call_parse

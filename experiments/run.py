@@ -17,7 +17,8 @@ from data import cifar_dls
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
 from callbacks import ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, truncate_logs
-from train import PEAK, broadcast, cifar_learner, distributed, find_lrs, fit_assignment, single_process
+from lrfind import find_lrs
+from train import PEAK, broadcast, cifar_learner, distributed, fit_assignment, single_process
 
 
 def check_flags(epochs, bs, subset, lr_min, lr_max, find_iters, **_):
@@ -78,7 +79,7 @@ def run(**flags):
     t = time.perf_counter()
     # --bs is the global batch: each of `world` processes takes its share of every batch.
     dls = cifar_dls(flags['data'], bs=flags['bs'] // world, subset=flags['subset'], device=dev, seed=seed, verbose=main)
-    config = dict(flags, out=str(out), seed=seed, device=str(dev), processes=world,
+    config = dict(flags, out=str(out), seed=seed, classes=list(dls.vocab), device=str(dev), processes=world,
                   device_name=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu',
                   versions=dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
                                 fastcore=fastcore.__version__),

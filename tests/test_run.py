@@ -7,6 +7,7 @@ from PIL import Image
 
 from arch import custom_resnet
 from conftest import run_script
+from lrfind import from_curve
 
 FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
          'summary.txt', 'config.json', 'report.md', 'misclassified.png', 'confusion.png']
@@ -22,7 +23,11 @@ def check_run_folder(out, epochs, finder=True):
     assert list(rows[0]) == ['epoch', 'lr', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds']
     assert [int(r['epoch']) for r in rows] == list(range(1, epochs + 1))
     lr = json.loads((out / 'lr_find.json').read_text())
-    if finder: assert set(lr['suggestions']) == {'minimum', 'steep', 'valley', 'slide'}
+    if finder:
+        assert set(lr['suggestions']) == {'minimum', 'steep', 'valley', 'slide'}
+        # the whole curve is kept, so the choice can be checked again later
+        again = from_curve(lr['lrs'], lr['losses'], lr['num_it'])
+        assert len(lr['lrs']) == len(lr['losses']) > 0 and (again.lr_min, again.lr_max) == (lr['lr_min'], lr['lr_max'])
     with open(out / 'schedule.csv') as fh: sched = [float(r['lr']) for r in csv.DictReader(fh)]
     assert sched[0] == pytest.approx(lr['lr_min']) and min(sched) >= lr['lr_min'] * (1 - 1e-9)
     assert max(sched) <= lr['lr_max'] * (1 + 1e-9) and sched[-1] < max(sched)
