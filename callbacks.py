@@ -113,13 +113,39 @@ class Diverged(RunError):
 
 
 class StopOnDivergence(Callback):
-    "Stops training at the first non-finite loss, saying where and what to try, before the weights are stepped."
+    "Stops training at the first non-finite loss and says where, reading a flag kept on the device every `every` batches."
     order = -10  # after_loss, before the backward pass and the optimizer step
 
+    # Reading the loss on the host makes the CPU wait for the GPU at every batch. The flag (the first bad step of
+    # the window, or -1) stays on the device and is read every `every` batches and at the end of each epoch's
+    # training, so a divergence is named exactly, up to `every` - 1 steps late. On a CPU a read costs nothing:
+    # there the check is every batch, before the bad step reaches the weights.
+    def __init__(self, every=None): self.every = every
+
+    def before_fit(self): self.n = self.every or (1 if self.dls.device.type == 'cpu' else 32)
+
+    def before_train(self): self.first, self.lrs = None, {}
+
     def after_loss(self):
-        if self.training and not torch.isfinite(self.loss).all():
-            raise Diverged(f'training diverged: the loss became {float(self.loss.detach().mean())} at epoch {self.epoch + 1}, '
-                           f'step {self.iter + 1} (LR {self.opt.hypers[-1]["lr"]:.3g}); try a lower --lr-max')
+        if not self.training: return
+        bad = ~torch.isfinite(self.loss.detach()).all()
+        loss = self.loss.detach().float().mean()
+        if self.first is None: self.first, self.first_loss = torch.full_like(loss, -1), loss
+        new = bad & (self.first < 0)
+        self.first = torch.where(new, self.iter, self.first)  # a Python number, not a tensor: no host-to-device copy
+        self.first_loss = torch.where(new, loss, self.first_loss)
+        self.lrs[self.iter] = self.opt.hypers[-1]['lr']
+        if (self.iter + 1) % self.n == 0: self._check()
+
+    def after_train(self): self._check()
+
+    def _check(self):
+        if self.first is None: return
+        step = int(self.first)  # the one read of the window
+        if step >= 0:
+            raise Diverged(f'training diverged: the loss became {float(self.first_loss)} at epoch {self.epoch + 1}, '
+                           f'step {step + 1} (LR {self.lrs[step]:.3g}); try a lower --lr-max')
+        self.first, self.lrs = None, {}
 
 
 class Checkpoint(Callback):

@@ -7,6 +7,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import fastai.callback.hook  # noqa: F401  (it patches Learner.summary onto the learners built here)
+import fastai.callback.schedule  # noqa: F401  (and Learner.fit_one_cycle, Learner.lr_find)
+from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.fp16 import AMPMode, MixedPrecision
+from fastai.callback.progress import ProgressCallback
 from fastai.distributed import DistributedDL
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
@@ -16,7 +20,7 @@ from fastai.torch_core import num_distrib
 
 from arch import custom_resnet
 
-__all__ = ['PEAK', 'ScaledCrossEntropy', 'cifar_learner', 'rng_state', 'set_rng_state', 'one_cycle_kwargs',
+__all__ = ['PEAK', 'PRECISIONS', 'ScaledCrossEntropy', 'cifar_learner', 'BF16', 'LeanProgress', 'rng_state', 'set_rng_state', 'one_cycle_kwargs',
            'fit_assignment', 'distributed', 'single_process', 'broadcast']
 
 PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all training steps
@@ -32,17 +36,49 @@ class ScaledCrossEntropy(CrossEntropyLossFlat):
     def activation(self, x): return F.softmax(x * self.scale, dim=-1)  # the assignment's SoftMax, as trained
 
 
-def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_smoothing=0., path='.', cbs=None):
+PRECISIONS = ('fp32', 'bf16')
+
+
+def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_smoothing=0., path='.', cbs=None,
+                  precision='fp32', channels_last=False):
     "A fastai `Learner` for `custom_resnet` with the cifar10-fast optimizer: SGD, Nesterov momentum, L2 weight decay."
     # cifar10-fast (Page, 2018) reached 94% in 24 epochs on this network with exactly this optimizer:
     # torch SGD, Nesterov momentum 0.9 held constant, and L2 decay 5e-4 on every weight, BN included.
     # fastai's own SGD has no Nesterov, so torch's is wrapped; `moms` pins fastai's momentum schedule flat.
+    if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
     opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=mom, nesterov=True)
     learn = Learner(dls, model if model is not None else custom_resnet(len(dls.vocab)), opt_func=opt_func,
                     loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=accuracy, wd=wd,
                     moms=(mom, mom, mom), path=path, model_dir='.', cbs=cbs)
     learn.recorder.train_metrics = True  # fastai's one Recorder, not a second one: that prints every line twice
+    learn.remove_cb(ProgressCallback).add_cb(LeanProgress())
+    # Not fastai's `to_channelslast()`: it adds an fp16 MixedPrecision unless told otherwise, and its kwargs go to
+    # GradScaler, so `to_channelslast(to_fp16=False)` fails in before_fit with a TypeError (FASTAI_NOTES.md).
+    if channels_last: learn.add_cb(ChannelsLast())
+    if precision == 'bf16': learn.add_cb(BF16())
     return learn
+
+
+class BF16(MixedPrecision):
+    "fastai's bf16 `MixedPrecision` (no loss scaling, no host sync) with autocast on the learner's own device."
+    def __init__(self): super().__init__(amp_mode=AMPMode.BF16)
+
+    def before_fit(self):
+        super().before_fit()
+        # fastai hard-codes CUDA autocast, which on a CPU only warns and trains in fp32.
+        self.autocast = torch.autocast(self.dls.device.type, dtype=torch.bfloat16)
+
+
+class LeanProgress(ProgressCallback):
+    "fastai's progress bars, with the smoothed loss shown every `every` batches: fastai reads it on the host at every one."
+    def __init__(self, every=25): self.every = every
+
+    @property
+    def name(self): return 'progress'  # where fastai's own bar is found: `learn.progress`
+
+    def after_batch(self):
+        self.pbar.update(self.iter + 1)
+        if hasattr(self, 'smooth_loss') and self.iter % self.every == 0: self.pbar.comment = f'{self.smooth_loss.item():.4f}'
 
 
 def rng_state(learn):

@@ -1,5 +1,6 @@
 """Train the assignment's custom ResNet on CIFAR-10: lr_find → LRMIN, LRMAX → 24-epoch one-cycle → a run folder."""
 import json, os, platform, random, subprocess, sys, time
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -8,7 +9,7 @@ sys.path.insert(0, str(ROOT))  # `python experiments/run.py` works from anywhere
 
 import torch
 import fastai, fastcore
-from fastcore.script import call_parse
+from fastcore.script import call_parse, store_true
 from fastai.torch_core import default_device, num_distrib, rank_distrib, set_seed
 
 from arch import write_summary
@@ -18,19 +19,51 @@ from interpret import interpret, most_confused, plot_confusion, plot_misclassifi
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
 from callbacks import ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, truncate_logs
 from lrfind import find_lrs
-from train import PEAK, broadcast, cifar_learner, distributed, fit_assignment, single_process
+from train import PEAK, PRECISIONS, broadcast, cifar_learner, distributed, fit_assignment, single_process
 
 
-def check_flags(epochs, bs, subset, lr_min, lr_max, find_iters, **_):
-    "Reject impossible flags before anything is created."
-    if epochs < 1: raise UsageError(f'--epochs must be at least 1, got {epochs}')
-    if bs < 1: raise UsageError(f'--bs must be at least 1, got {bs}')
-    if subset is not None and subset < 1: raise UsageError(f'--subset must be positive, got {subset}')
-    if find_iters < 6: raise UsageError(f'--find-iters must be at least 6, got {find_iters}')
-    if (lr_min is None) != (lr_max is None): raise UsageError('give both --lr-min and --lr-max, or neither (lr_find then picks them)')
-    for name, lr in (('--lr-min', lr_min), ('--lr-max', lr_max)):
-        if lr is not None and not lr > 0: raise UsageError(f'{name} must be positive, got {lr}')
-    if lr_min is not None and lr_min >= lr_max: raise UsageError(f'--lr-min ({lr_min}) must be below --lr-max ({lr_max})')
+@dataclass(frozen=True)
+class Settings:
+    "A run's settings, as `main` documents them: config.json stores them, and --resume reads them back."
+    epochs: int = 24
+    bs: int = 512
+    data: str = None
+    out: str = None
+    seed: int = None
+    subset: int = None
+    lr_min: float = None
+    lr_max: float = None
+    device: str = None
+    find_iters: int = 100
+    precision: str = 'fp32'
+    channels_last: bool = False
+    deterministic: bool = False
+
+    def check(self):
+        "Reject impossible settings before anything is created."
+        if self.epochs < 1: raise UsageError(f'--epochs must be at least 1, got {self.epochs}')
+        if self.bs < 1: raise UsageError(f'--bs must be at least 1, got {self.bs}')
+        if self.subset is not None and self.subset < 1: raise UsageError(f'--subset must be positive, got {self.subset}')
+        if self.find_iters < 6: raise UsageError(f'--find-iters must be at least 6, got {self.find_iters}')
+        if self.precision not in PRECISIONS:
+            raise UsageError(f'--precision must be one of {", ".join(PRECISIONS)}, got {self.precision!r}')
+        if (self.lr_min is None) != (self.lr_max is None):
+            raise UsageError('give both --lr-min and --lr-max, or neither (lr_find then picks them)')
+        for name, lr in (('--lr-min', self.lr_min), ('--lr-max', self.lr_max)):
+            if lr is not None and not lr > 0: raise UsageError(f'{name} must be positive, got {lr}')
+        if self.lr_min is not None and self.lr_min >= self.lr_max:
+            raise UsageError(f'--lr-min ({self.lr_min}) must be below --lr-max ({self.lr_max})')
+        return self
+
+    @classmethod
+    def of_run(cls, config):
+        "The settings a run folder's config.json recorded; ones it predates keep their defaults."
+        return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
+
+
+def use_cudnn(deterministic):
+    "cuDNN's benchmark search by default (the fastest algorithms for these shapes); fixed, repeatable ones on request."
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not deterministic, deterministic
 
 
 def pick_device(device):
@@ -67,19 +100,20 @@ def git_commit():
     except (OSError, subprocess.CalledProcessError): return None
 
 
-def run(**flags):
-    "A new run: check the flags, build data and learner, find the LRs, train, and explain the result."
-    check_flags(**flags)
+def run(s):
+    "A new run of `Settings` s: check them, build data and learner, find the LRs, train, and explain the result."
+    s.check()
     t_start, world, main = time.perf_counter(), max(num_distrib(), 1), rank_distrib() == 0
-    if flags['bs'] % world: raise UsageError(f'--bs {flags["bs"]} does not split evenly over {world} processes')
-    dev = pick_device(flags['device'])
-    out = check_out(flags['out']) if main else None  # only rank 0 writes
-    seed = flags['seed'] if flags['seed'] is not None else random.SystemRandom().randrange(2 ** 31)
-    set_seed(seed, reproducible=True)
+    if s.bs % world: raise UsageError(f'--bs {s.bs} does not split evenly over {world} processes')
+    dev = pick_device(s.device)
+    out = check_out(s.out) if main else None  # only rank 0 writes
+    s = replace(s, seed=s.seed if s.seed is not None else random.SystemRandom().randrange(2 ** 31))
+    set_seed(s.seed, reproducible=s.deterministic)
+    use_cudnn(s.deterministic)
     t = time.perf_counter()
     # --bs is the global batch: each of `world` processes takes its share of every batch.
-    dls = cifar_dls(flags['data'], bs=flags['bs'] // world, subset=flags['subset'], device=dev, seed=seed, verbose=main)
-    config = dict(flags, out=str(out), seed=seed, classes=list(dls.vocab), device=str(dev), processes=world,
+    dls = cifar_dls(s.data, bs=s.bs // world, subset=s.subset, device=dev, seed=s.seed, verbose=main)
+    config = dict(asdict(s), out=str(out), classes=list(dls.vocab), device=str(dev), processes=world,
                   device_name=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu',
                   versions=dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
                                 fastcore=fastcore.__version__),
@@ -89,16 +123,16 @@ def run(**flags):
     if main:
         out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data leaves nothing behind
         save_json(out / 'config.json', config)
-    learn = make_learner(dls, out)
+    learn = make_learner(dls, out, s)
     if main: write_summary(learn.model, out / 'summary.txt')
     finder = learn
-    if world > 1 and flags['lr_max'] is None:  # every process runs the finder alone, at the global batch size
-        finder = make_learner(cifar_dls(flags['data'], bs=flags['bs'], subset=flags['subset'], device=dev, seed=seed,
-                                        verbose=False), out, model=learn.model)
-    lr = choose_lrs(finder, flags, config, out, main)
+    if world > 1 and s.lr_max is None:  # every process runs the finder alone, at the global batch size
+        finder = make_learner(cifar_dls(s.data, bs=s.bs, subset=s.subset, device=dev, seed=s.seed, verbose=False),
+                              out, s, model=learn.model)
+    lr = choose_lrs(finder, s, config, out, main)
     with distributed(learn):
         lr = broadcast(lr)  # rank 0's choice everywhere, whatever tiny differences the processes' finders had
-        fit_run(learn, config, lr, out, main)
+        fit_run(learn, s.epochs, config, lr, out, main)
     if main:
         with single_process(): return finish(learn, config, lr, out, t_start)
 
@@ -115,38 +149,38 @@ def resume_run(folder, device=None):
     config = json.loads((folder / 'config.json').read_text())
     if world != config.get('processes', 1):
         raise UsageError(f'--resume {folder}: the run used {config.get("processes", 1)} process(es); resume it with as many')
-    lr = json.loads((folder / 'lr_find.json').read_text())
+    lr, s = json.loads((folder / 'lr_find.json').read_text()), Settings.of_run(config)
     if device is None and world == 1 and config['device'].startswith('cuda') and not torch.cuda.is_available():
         raise UsageError(f'--resume {folder}: the run trained on {config["device"]}, and this machine has no CUDA GPU; '
                          'add --device cpu to continue it here')
     dev = pick_device(device if device is not None or world > 1 else config['device'])
-    dls = cifar_dls(config['data'], bs=config['bs'] // world, subset=config['subset'], device=dev, seed=config['seed'],
-                    verbose=main)
-    learn = make_learner(dls, folder)
+    use_cudnn(s.deterministic)  # the random streams come from the checkpoint
+    dls = cifar_dls(s.data, bs=s.bs // world, subset=s.subset, device=dev, seed=s.seed, verbose=main)
+    learn = make_learner(dls, folder, s)
     state = load_checkpoint(learn, folder / 'checkpoint.pth')
     if main:
         truncate_logs(folder, state['epoch'], len(dls.train))
         print(f'resuming {folder} after epoch {state["epoch"]} of {config["epochs"]}', flush=True)
         config.setdefault('resumed', []).append(dict(after_epoch=state['epoch'], at=datetime.now().isoformat(timespec='seconds')))
-    with distributed(learn): fit_run(learn, config, lr, folder, main, resumed=state)
+    with distributed(learn): fit_run(learn, s.epochs, config, lr, folder, main, resumed=state)
     if main:
         with single_process(): return finish(learn, config, lr, folder, t_start)
 
 
-def make_learner(dls, out, model=None):
-    "The learner, with fastai's bars on a terminal and only its epoch table in a log."
-    learn = cifar_learner(dls, model=model, path=out or '.')
+def make_learner(dls, out, s, model=None):
+    "The learner for `Settings` s, with fastai's bars on a terminal and only its epoch table in a log."
+    learn = cifar_learner(dls, model=model, path=out or '.', precision=s.precision, channels_last=s.channels_last)
     if not sys.stdout.isatty(): plain_console(learn)
     return learn
 
 
-def choose_lrs(learn, flags, config, out, main=True):
-    "LRMIN and LRMAX: the finder's, or the flags' when both are given; the `main` process saves lr_find.json (and .png)."
-    if flags['lr_max'] is not None:
-        lr = dict(suggestions=None, lr_min=flags['lr_min'], lr_max=flags['lr_max'], rule='given on the command line')
+def choose_lrs(learn, s, config, out, main=True):
+    "LRMIN and LRMAX: the finder's, or the settings' when both are given; the `main` process saves lr_find.json (and .png)."
+    if s.lr_max is not None:
+        lr = dict(suggestions=None, lr_min=s.lr_min, lr_max=s.lr_max, rule='given on the command line')
     else:
-        if main: print(f'lr_find: {flags["find_iters"]} mock-training steps ...', flush=True)
-        with single_process(): found = find_lrs(learn, num_it=flags['find_iters'])  # each process on its own
+        if main: print(f'lr_find: {s.find_iters} mock-training steps ...', flush=True)
+        with single_process(): found = find_lrs(learn, num_it=s.find_iters)  # each process on its own
         config['seconds']['lr_find'] = round(found.seconds, 2)
         lr = found.to_json()
         if main:
@@ -156,7 +190,7 @@ def choose_lrs(learn, flags, config, out, main=True):
     return lr
 
 
-def fit_run(learn, config, lr, out, main=True, resumed=None):
+def fit_run(learn, epochs, config, lr, out, main=True, resumed=None):
     "The one-cycle fit (from the checkpoint `resumed`, if given); the `main` process logs and checkpoints every epoch."
     start_epoch = resumed['epoch'] if resumed else 0
     cbs = [StopOnDivergence()]
@@ -166,7 +200,7 @@ def fit_run(learn, config, lr, out, main=True, resumed=None):
         # Training time is this fit's wall time, plus the logged epochs before it when resuming.
         prior = sum(r['seconds'] for r in read_csv(out / 'metrics.csv')) if start_epoch else 0.
     t = time.perf_counter()
-    try: fit_assignment(learn, config['epochs'], lr['lr_min'], lr['lr_max'], cbs=cbs, start_epoch=start_epoch)
+    try: fit_assignment(learn, epochs, lr['lr_min'], lr['lr_max'], cbs=cbs, start_epoch=start_epoch)
     except Diverged as e:
         ck = out / 'checkpoint.pth' if out else None
         kept = (f'the last good checkpoint (epoch {torch.load(ck, map_location="cpu", weights_only=False)["epoch"]}) is {ck}'
@@ -226,10 +260,13 @@ def main(epochs: int = 24,       # training epochs; the LR peaks after 5/24 of t
          lr_max: float = None,   # LRMAX, the schedule's peak
          device: str = None,     # torch device, e.g. cuda, cuda:1, cpu (default: the GPU if there is one)
          find_iters: int = 100,  # lr_find's mock-training steps
+         precision: str = 'fp32',  # fp32, or bf16 autocast (on a GPU: faster, with loss and weights in fp32)
+         channels_last: store_true = False,  # channels-last memory layout (on a GPU: faster convolutions)
+         deterministic: store_true = False,  # repeatable GPU runs: fixed cuDNN algorithms, no benchmark search
          resume: str = None,     # a killed run's folder: continue it from its last finished epoch (with --device: there)
          ):
     "Train the custom ResNet on CIFAR-10 with lr_find and the assignment's one-cycle, and explain it in a run folder."
     with user_errors('run.py'):
         if resume: return resume_run(resume, device)  # --device moves a run to another device, e.g. a GPU run to a CPU
-        return run(epochs=epochs, bs=bs, data=data, out=out, seed=seed, subset=subset, lr_min=lr_min,
-                   lr_max=lr_max, device=device, find_iters=find_iters)
+        return run(Settings(epochs, bs, data, out, seed, subset, lr_min, lr_max, device, find_iters, precision,
+                            channels_last, deterministic))
