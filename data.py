@@ -1,4 +1,4 @@
-"""CIFAR-10 as fastai `DataLoaders`: decode once to a uint8 cache, then gather and augment whole batches on the device."""
+"""CIFAR-10 as fastai `DataLoaders`: read a release or decode images once; gather and augment whole batches on the device."""
 import hashlib, os, random, tempfile
 from functools import partial
 from pathlib import Path
@@ -14,7 +14,7 @@ from fastai.torch_core import TensorCategory, TensorImage, default_device
 from fastai.vision.core import cifar_stats
 
 from augment import Cutout, LeanNormalize, PadCropFlip
-from cli import UsageError
+from formats import DataError, find_release, read_release
 
 __all__ = ['DataError', 'IMAGE_EXTS', 'resolve_path', 'scan_folder', 'load_arrays', 'balanced_subset', 'ArrayDL',
            'array_block', 'cifar_dls']
@@ -23,18 +23,14 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 SIZE = 32  # CIFAR images are SIZE×SIZE; the network's MaxPool(4) head needs exactly that
 
 
-class DataError(UsageError):
-    "A problem with the data the user pointed at, worded so that they can fix it."
-
-
 def resolve_path(path=None):
     "The CIFAR folder: `path`, else $CIFAR10_DIR, else fastai's download, which fails offline."
     path = path or os.environ.get('CIFAR10_DIR')
     if path: return Path(path).expanduser()
     try: return untar_data(URLs.CIFAR)
     except Exception as e:  # URLError offline; fastdownload raises several kinds on a broken mirror
-        raise DataError(f'could not download CIFAR-10 ({type(e).__name__}: {e}); '
-                        'pass --data DIR, a folder with train/ and test/, or set CIFAR10_DIR') from None
+        raise DataError(f'could not download CIFAR-10 ({type(e).__name__}: {e}); pass --data DIR (a folder with '
+                        'train/ and test/, or cifar-10-batches-py/ or -bin/), or set CIFAR10_DIR') from None
 
 
 def scan_folder(root):
@@ -43,7 +39,8 @@ def scan_folder(root):
     if not root.is_dir(): raise DataError(f'data path {root} is not a folder')
     missing = [s for s in ('train', 'test') if not (root / s).is_dir()]
     if missing: raise DataError(f'data folder {root} has no {" or ".join(m + "/" for m in missing)} '
-                                'folder (expected train/<class>/*.png and test/<class>/*.png)')
+                                'folder (expected train/<class>/*.png and test/<class>/*.png, or a CIFAR-10 release: '
+                                'cifar-10-batches-py/ or cifar-10-batches-bin/, or their parent)')
     classes = sorted(d.name for d in (root / 'train').iterdir() if d.is_dir() and not d.name.startswith('.'))
     if not classes: raise DataError(f'{root / "train"} has no class folders')
     splits = {}
@@ -96,8 +93,12 @@ def _decode_all(files, bad):
 
 
 def load_arrays(root, cache_dir=None, verbose=True):
-    "Classes and uint8 arrays of both splits, decoded once and cached on disk, keyed on the source files."
+    "Classes and uint8 arrays of both splits: read from a CIFAR-10 release, or decoded once and cached, keyed on the files."
     root = Path(root)
+    release = find_release(root)
+    if release:  # raw pixels already: all 60,000 read in under half a second, so there is nothing to cache
+        if verbose: print(f'reading the CIFAR-10 {release[0]} release in {release[1]}')
+        return read_release(*release)
     classes, splits = scan_folder(root)
     key = _cache_key(root, splits)
     cache_dir = Path(cache_dir) if cache_dir else _cache_dir(root)
@@ -174,14 +175,16 @@ def array_block(images, labels, vocab, test_idx, pad=4, cutout=8):
         # training batches come from `ArrayDL.create_batches` in one gather.
         blocks=(TransformBlock(batch_tfms=IntToFloatTensor, dl_type=ArrayDL,
                                dls_kwargs=dict(images=images, labels=labels)),
-                CategoryBlock(vocab=vocab)),
+                # Unsorted: batches carry the label numbers as stored, which index `vocab` in its given order
+                # (a release's meta file need not be alphabetical; fastai sorts by default).
+                CategoryBlock(vocab=vocab, sort=False)),
         get_x=partial(_image, images), get_y=partial(_label, labels, vocab),
         splitter=IndexSplitter(test_idx),
         batch_tfms=[PadCropFlip(pad, flip_p=0.5), LeanNormalize.from_stats(*cifar_stats), Cutout(cutout)])
 
 
 def cifar_dls(path=None, bs=512, subset=None, device=None, seed=None, cache_dir=None, verbose=True):
-    "CIFAR-10 `DataLoaders` from a folder of train/<class>/ and test/<class>/ images; test is the validation set."
+    "CIFAR-10 `DataLoaders` from train/<class>/ and test/<class>/ images, or a release folder; test validates."
     root = resolve_path(path)
     classes, arrays = load_arrays(root, cache_dir=cache_dir, verbose=verbose)
     (x_tr, y_tr), (x_te, y_te) = arrays['train'], arrays['test']

@@ -13,6 +13,7 @@ from fastai.vision.all import CropPad, Flip, ImageDataLoaders, Normalize, Random
 from arch import custom_resnet
 from cli import UsageError, user_errors
 from data import balanced_subset, resolve_path, scan_folder
+from formats import find_release
 from report import read_csv
 from callbacks import plain_console
 from train import PEAK, cifar_learner, fit_assignment
@@ -159,6 +160,9 @@ def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, el
     with user_errors('bench.py'):
         if seeds < 1 or epochs < 1: raise UsageError('--seeds and --epochs must be at least 1')
         data, out = resolve_path(data), Path(out)
+        if release := find_release(data):  # checked first: the suite runs would take minutes before the baselines fail
+            raise UsageError(f'--data {data} is the CIFAR-10 {release[0]} release, and the stock fastai and torchvision '
+                             'baselines read an image folder; point --data at one with train/<class>/ and test/<class>/')
         out.mkdir(parents=True, exist_ok=True)
         dev = torch.device(device) if device else default_device()
         name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
