@@ -1,6 +1,7 @@
-"""Grad-CAM for the custom ResNet: `gradcam()` for notebooks, and `python cams.py --n 10` for a run's mistakes."""
+"""Grad-CAM for the custom ResNet: `gradcam()`, `cams.py --n 10` for a run's mistakes, `cams.py --image` for any image."""
 import json, re, sys
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -53,6 +54,7 @@ from arch import BLOCKS, custom_resnet  # noqa: E402  (below gradcam, which need
 from cli import UsageError, user_errors  # noqa: E402
 from data import cifar_dls  # noqa: E402
 from interpret import denorm, interpret, top_misclassified  # noqa: E402
+from predict import load_model, network_view, predict, read_image, to_input  # noqa: E402
 from report import save_figure  # noqa: E402
 from train import cifar_learner  # noqa: E402
 
@@ -167,15 +169,57 @@ def explain(run=None, n=10, layer='layer3', out=None, compare=False, data=None, 
     return [out / f for f in [*files, grid] + ([layers_png] if layers_png else [])]
 
 
+def explain_images(images, run=None, layer='layer3', target=None, out=None, data=None, device=None):
+    "Print the top-3 classes of each image file, and save its Grad-CAM beside it (or in `out`); returns the figures."
+    if layer not in BLOCKS: raise UsageError(f'--layer {layer!r} is not a block; choose one of {", ".join(BLOCKS)}')
+    images = list(dict.fromkeys(Path(p) for p in images))
+    views = [network_view(read_image(p)) for p in images]  # all read first: a bad third image fails before any work
+    files = [(Path(out) if out else p.parent) / f'{p.stem}.gradcam.png' for p in images]
+    for i, f in enumerate(files):
+        if f in files[:i]:
+            raise UsageError(f'{images[files.index(f)]} and {images[i]} would both be drawn to {f}; give them separately')
+    model, classes = load_model(find_run(run), device, data)
+    if target is not None and target not in classes:
+        raise UsageError(f'--target {target!r} is not a class of this run; choose one of {", ".join(classes)}')
+    if out: Path(out).mkdir(parents=True, exist_ok=True)
+    for path, view, file in zip(images, views, files):
+        ranked = predict(model, view, classes, k=len(classes))  # every class, so that --target's probability is there
+        shown = [('pred', ranked[0])] + [('target', p) for p in ranked if p.label == target]
+        draw_image(model, view, shown, classes, layer, f'{path.name}: Grad-CAM at {layer}', file)
+        print(f'{path}: ' + ', '.join(f'{p.label} {p.prob:.3f}' for p in ranked[:3]) + f' (Grad-CAM: {file})')
+    return files
+
+
+def draw_image(model, view, shown, classes, layer, title, file):
+    "The 32×32 input the network saw, then the Grad-CAM of each (role, `Prediction`) in `shown`, saved as `file`."
+    x, block = to_input(view), model.get_submodule(layer)
+    fig = Figure(figsize=(2.2 * (len(shown) + 1), 2.6))
+    axs = fig.subplots(1, len(shown) + 1)
+    _overlay(axs[0], view, None, f'input {view.shape[1]}×{view.shape[0]}')
+    for ax, (role, p) in zip(axs[1:], shown):
+        cam = gradcam(model, x, block, classes.index(p.label))[0].cpu().numpy()
+        _overlay(ax, view, cam, f'{role} {p.label} ({p.prob:.2f})')
+    fig.suptitle(title, fontsize=9)
+    try: return save_figure(fig, file)
+    except OSError as e: raise UsageError(f'cannot write {file} ({e.strerror or e}); pass --out DIR') from None
+
+
 # Last in the file: when run as a script, `call_parse` calls `main` as soon as it is decorated.
 @call_parse
 def main(n: int = 10,                        # how many misclassified test images to explain
          run: str = None,                    # run folder (default: the newest under runs/)
          layer: str = 'layer3',              # block to explain: layer3 (4×4), layer2 (8×8), layer1 (16×16) or prep
-         out: str = None,                    # where the figures go (default: the run folder)
+         out: str = None,                    # where the figures go (default: the run folder; for --image, beside each)
          compare_layers: store_true = False, # also draw the same images at every block
          data: str = None,                   # CIFAR folder, if not the one the run used
-         device: str = None):                # torch device (default: the GPU if there is one)
-    "Draw Grad-CAM for the misclassified test images of a training run."
+         device: str = None,                 # torch device (default: the GPU if there is one)
+         # image files to classify and explain instead of the test set: repeat the flag, or list several after it
+         image: Annotated[str, {'action': 'extend', 'nargs': '+'}] = None,
+         target: str = None):                # with --image: also draw the Grad-CAM of this class
+    "Draw Grad-CAM for the misclassified test images of a training run, or top-3 classes and Grad-CAM for --image files."
     with user_errors('cams.py'):
+        if image:
+            if compare_layers: raise UsageError('--compare-layers is for a run\'s test images, not --image')
+            return explain_images(image, run, layer, target, out, data, device)
+        if target is not None: raise UsageError('--target needs --image')
         explain(run, n, layer, out, compare_layers, data, device)

@@ -1,0 +1,135 @@
+"""A prediction for any image: load it as the test set was loaded, and return the top-k classes with their probabilities."""
+import json, pickle
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from fastai.torch_core import default_device
+from fastai.vision.core import cifar_stats
+
+from arch import custom_resnet
+from cli import UsageError
+from data import DataError, scan_folder
+from train import ScaledCrossEntropy
+
+__all__ = ['CIFAR10_CLASSES', 'SIZE', 'Prediction', 'read_image', 'network_view', 'to_input', 'preprocess', 'predict',
+           'run_classes', 'load_model']
+
+# CIFAR-10's classes in label order, which is also the sorted order of its folders and so of `dls.vocab`.
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+SIZE = 32  # the network's input is SIZE×SIZE: its MaxPool(4) head needs exactly that
+
+
+class Prediction(NamedTuple):
+    "One class of a prediction and its probability."
+    label: str
+    prob: float
+
+
+def read_image(path):
+    "The image file at `path` as an RGB PIL image, or a one-line `UsageError` saying why it can't be read."
+    path = Path(path)
+    if not path.exists(): raise UsageError(f'image {path} does not exist')
+    if path.is_dir(): raise UsageError(f'image {path} is a folder, not an image file')
+    try:
+        with Image.open(path) as im:
+            # A phone photo stores its rotation in EXIF; without this a portrait shot reaches the network sideways.
+            return _rgb(ImageOps.exif_transpose(im))  # converting also decodes: a truncated file fails here
+    # PIL raises many kinds for a damaged file (OSError, SyntaxError, ValueError, DecompressionBombError), as data.py finds.
+    except Exception as e: raise UsageError(f'image {path} cannot be read ({type(e).__name__}: {e})') from None
+
+
+def _rgb(im):
+    "`im` in RGB, alpha dropped as data.py drops it from the training images."
+    # Through RGBA for a palette with a transparent colour, as Pillow asks (it warns otherwise); the RGB is the same.
+    if im.mode == 'P' and 'transparency' in im.info: im = im.convert('RGBA')
+    return im.convert('RGB')
+
+
+def _as_pil(img):
+    "A path, PIL image, or H×W[×3|4] uint8 (0–255) or float (0–1) array or tensor, as an RGB PIL image."
+    if isinstance(img, (str, Path)): return read_image(img)
+    if isinstance(img, Image.Image): return _rgb(img)
+    a = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
+        raise UsageError(f'an image array must be H×W, H×W×3 or H×W×4 (channels last), got shape {tuple(a.shape)}')
+    if a.dtype.kind == 'f':
+        # 0–255 floats would be clipped to white without a word; make the caller say which range they mean.
+        if a.size and not (a.min() >= 0 and a.max() <= 1):
+            raise UsageError('a float image must be in [0, 1]; pass uint8 for 0–255')
+        a = np.rint(a * 255)
+    elif a.dtype != np.uint8: raise UsageError(f'an image array must be uint8 or float, got {a.dtype}')
+    return _rgb(Image.fromarray(a.astype(np.uint8)))
+
+
+def network_view(img):
+    "The SIZE×SIZE×3 uint8 array the network sees of `img` (anything `predict` takes)."
+    im = _as_pil(img)
+    # Squashed to SIZE×SIZE, not cropped, so the whole picture as the user framed it stays in view. BICUBIC is
+    # Pillow's own default; Pillow widens the filter to the whole footprint when shrinking, so a 4000-px photo is
+    # averaged down (no aliasing) and edges stay sharper than with BILINEAR, without LANCZOS's ringing at 32 px.
+    # A SIZE×SIZE image, a CIFAR one or what this returned, passes through unchanged.
+    return np.array(im.resize((SIZE, SIZE), Image.Resampling.BICUBIC))  # a writable copy, not a view of PIL's buffer
+
+
+def to_input(view):
+    "A SIZE×SIZE×3 uint8 array as the network's 1×3×SIZE×SIZE input, normalized as the test set is."
+    # The test pipeline's two steps (data.py): IntToFloatTensor divides by 255, then Normalize with cifar_stats.
+    x = torch.tensor(np.asarray(view)).permute(2, 0, 1)[None].float() / 255
+    mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in cifar_stats)
+    return (x - mean) / std
+
+
+def preprocess(img):
+    "`img` (anything `predict` takes) as the network's normalized 1×3×SIZE×SIZE input, on the CPU."
+    return to_input(network_view(img))
+
+
+def predict(model, img, classes, k=3):
+    "The `k` likeliest `classes` of `img` (a path, PIL image, or H×W×3 uint8 0–255 or float 0–1 array or tensor)."
+    if k < 1: raise UsageError(f'k must be at least 1, got {k}')
+    x = preprocess(img).to(next(model.parameters()).device)  # on the model's device; the model is not moved
+    was_training = model.training
+    try:
+        model.eval()  # BatchNorm's running statistics, not those of a batch of one
+        with torch.no_grad(): logits = model(x)
+    finally: model.train(was_training)
+    if logits.shape[1] != len(classes):
+        raise UsageError(f'the model has {logits.shape[1]} outputs but {len(classes)} class names were given')
+    # The loss's own activation, softmax(0.125 × logits): the probabilities the run trained, with no copy of the scale.
+    probs = ScaledCrossEntropy().activation(logits)[0]
+    top = probs.topk(min(k, len(classes)))
+    return [Prediction(classes[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
+
+
+def run_classes(run, n_out, data=None):
+    "A run folder's class names: its config.json's, else its data folder's, else CIFAR-10's for a 10-output model."
+    config = json.loads((Path(run) / 'config.json').read_text())
+    if config.get('classes'): return list(config['classes'])
+    # Runs made before config.json recorded `classes`: the folder names are the classes, with no image decoded.
+    folder = data or config.get('data')  # never $CIFAR10_DIR or a download: another folder may hold other classes
+    if folder:
+        try: classes = scan_folder(Path(folder))[0]
+        except DataError: classes = None
+        if classes and len(classes) == n_out: return classes
+    if n_out == len(CIFAR10_CLASSES): return list(CIFAR10_CLASSES)
+    raise UsageError(f'{run}/config.json records no class names, and no {n_out}-class data folder was found at '
+                     f'{folder}; pass --data DIR, the folder the run trained on')
+
+
+def load_model(run, device=None, data=None):
+    "A run folder's trained `custom_resnet` (on `device`, default the GPU if there is one) and its class names."
+    run, file = Path(run), Path(run) / 'model.pth'
+    try: dev = torch.device(device) if device is not None else default_device()
+    except RuntimeError: raise UsageError(f'--device {device!r} is not a torch device (try cuda or cpu)') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available(): raise UsageError(f'--device {device}: no CUDA GPU is available')
+    try:
+        state = torch.load(file, map_location='cpu')
+        model = custom_resnet(state['head.fc.weight'].shape[0])  # as many outputs as the run had classes
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, AttributeError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f'{file} is not a custom_resnet state_dict ({reason})') from None
+    return model.to(dev).eval(), run_classes(run, model.head.fc.out_features, data)
