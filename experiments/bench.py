@@ -6,7 +6,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 import torch
 import torch.nn.functional as F
-from fastcore.script import call_parse
+from fastcore.script import call_parse, store_true
 from fastai.torch_core import default_device, set_seed
 from fastai.vision.all import CropPad, Flip, ImageDataLoaders, Normalize, RandomCrop, cifar_stats
 
@@ -21,13 +21,14 @@ from train import PEAK, cifar_learner, fit_assignment
 
 # ---- 1. this suite: experiments/run.py, one process per seed -------------------------------------------------
 
-def suite(data, seed, epochs, bs, subset, find_iters, device, out):
+def suite(data, seed, epochs, bs, subset, find_iters, device, out, speed=()):
     "One `run.py` training, logged to suite-seed<N>.log; its config, last metrics row and run folder."
     folder = out / 'runs' / f'seed{seed}'
     cmd = [sys.executable, str(ROOT / 'experiments' / 'run.py'), '--data', str(data), '--epochs', str(epochs),
            '--bs', str(bs), '--seed', str(seed), '--out', str(folder), '--find-iters', str(find_iters)]
     cmd += ['--subset', str(subset)] if subset else []
     cmd += ['--device', device] if device else []
+    cmd += list(speed)
     with open(out / f'suite-seed{seed}.log', 'w') as log:
         if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
             raise UsageError(f'the suite run for seed {seed} failed; see {out / f"suite-seed{seed}.log"}')
@@ -125,7 +126,8 @@ def summarize(device, runs, baselines, epochs):
 def render(s):
     "The markdown table of a summary, for results/<device>/README.md and the project README."
     pct = lambda v: f'{100 * v:.2f}%'
-    lines = [f"| {s['device']} | {s['epochs']} epochs, {len(s['test_acc'])} seeds |", '|---|---|',
+    setting = s.get('precision', 'fp32') + (', channels-last' if s.get('channels_last') else '')
+    lines = [f"| {s['device']} | {s['epochs']} epochs, {len(s['test_acc'])} seeds, {setting} |", '|---|---|',
              f"| test accuracy, mean ± std | {pct(s['test_acc_mean'])} ± {100 * s['test_acc_std']:.2f} |",
              f"| test accuracy, min | {pct(s['test_acc_min'])} |",
              f"| training time, median | {s['train_seconds_median']:.1f} s ({s['images_per_second']:,.0f} img/s) |"]
@@ -153,6 +155,8 @@ def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, el
          bs: int = 512,                # batch size of every run
          subset: int = None,           # class-balanced training subset, for a quick CPU check of the command
          find_iters: int = 100,        # lr_find's mock-training steps in the suite runs
+         precision: str = 'fp32',      # the suite runs' --precision: fp32 or bf16
+         channels_last: store_true = False,  # the suite runs with --channels-last
          device: str = None,           # torch device (default: the GPU if there is one)
          out: str = 'results/gpu',     # folder for summary.json, README.md and the logs
          readme: str = None):          # also write the table into this README's results block
@@ -166,7 +170,8 @@ def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, el
         out.mkdir(parents=True, exist_ok=True)
         dev = torch.device(device) if device else default_device()
         name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
-        runs = [suite(data, seed, epochs, bs, subset, find_iters, device, out) for seed in range(seeds)]
+        speed = ['--precision', precision] + (['--channels-last'] if channels_last else [])
+        runs = [suite(data, seed, epochs, bs, subset, find_iters, device, out, speed) for seed in range(seeds)]
         lr_min, lr_max = runs[0][2]['lr_min'], runs[0][2]['lr_max']
         b_epochs = min(baseline_epochs or epochs, epochs)
         base_data = data
@@ -183,7 +188,7 @@ def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, el
             baselines[key] = dict(epochs_run=b_epochs, seconds_per_epoch=per_epoch, seconds=per_epoch * epochs,
                                   test_acc_after_epochs_run=acc)
         summary = summarize(name, runs, baselines, epochs)
-        summary['subset'] = subset
+        summary.update(subset=subset, precision=precision, channels_last=channels_last)
         if subset: shutil.rmtree(base_data)
         (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
         table = render(summary)

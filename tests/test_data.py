@@ -127,3 +127,14 @@ def test_subset_of_real_cifar(cifar10):
     assert (len(dls.train_ds), len(dls.valid_ds)) == (300, 60)
     ys = torch.cat([y for _, y in dls.valid])
     assert torch.bincount(ys).tolist() == [6] * 10
+
+
+def test_decoding_in_worker_processes_equals_decoding_in_one(tiny):
+    f = tiny / 'train' / 'c4' / 'bad.png'
+    f.write_bytes(b'not an image')
+    _, splits = data.scan_folder(tiny)
+    files = splits['train'][0]
+    bad1, bad2 = [], []
+    one, many = data._decode_all(files, bad1, workers=1), data._decode_all(files * 100, bad2, workers=2)
+    assert np.array_equal(np.concatenate([one] * 100), many)  # 6,100 files: more than one worker's share
+    assert bad2 == bad1 * 100 and len(bad1) == 1 and 'bad.png' in bad1[0]
