@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
 from matplotlib.figure import Figure
 
-__all__ = ['gradcam']
+__all__ = ['gradcam', 'class_cams', 'gradcam_grid']
 
 ROOT = Path(__file__).resolve().parent
 
@@ -93,12 +93,33 @@ def _overlay(ax, img, cam, title):
     ax.axis('off')
 
 
+def class_cams(model, interp, idx, x, layer):
+    "Grad-CAM at `layer` of the predicted class and of the true class of test images `idx` (inputs `x`), on the CPU."
+    block = model.get_submodule(layer)
+    return [gradcam(model, x, block, c[idx].to(x.device)).cpu() for c in (interp.decoded, interp.targs)]
+
+
+def gradcam_grid(model, interp, idx, layer='layer3', x=None, cams=None):
+    "A `Figure` of test images `idx`: each image above its predicted class's and its true class's Grad-CAM at `layer`."
+    x = interp[idx][0] if x is None else x  # fastai's Interpretation re-runs just these images through the test pipeline
+    cam_p, cam_t = class_cams(model, interp, idx, x, layer) if cams is None else cams
+    vocab, t, p, imgs, n = interp.vocab, interp.targs[idx], interp.decoded[idx], denorm(x), len(idx)
+    fig = Figure(figsize=(1.9 * n + 0.8, 6.2))
+    axs = np.array(fig.subplots(3, n, squeeze=False))
+    for k in range(n):
+        prob = float(interp.preds[idx[k], p[k]])
+        _overlay(axs[0, k], imgs[k], None, f'true {vocab[t[k]]}')
+        _overlay(axs[1, k], imgs[k], cam_p[k], f'pred {vocab[p[k]]} ({prob:.2f})')
+        _overlay(axs[2, k], imgs[k], cam_t[k], f'CAM of {vocab[t[k]]}')
+    fig.suptitle(f'Grad-CAM at {layer}: rows are the image, the predicted class\'s map, the true class\'s map')
+    fig.tight_layout()  # here, not only in save_figure: a notebook shows the Figure as returned
+    return fig
+
+
 def draw(model, interp, idx, x, layer, out):
     "One Grad-CAM figure per image (original, predicted-class CAM, true-class CAM) and gradcam.png with all."
     vocab, t, p = interp.vocab, interp.targs[idx], interp.decoded[idx]
-    block = model.get_submodule(layer)
-    cam_p = gradcam(model, x, block, p.to(x.device)).cpu()
-    cam_t = gradcam(model, x, block, t.to(x.device)).cpu()
+    cam_p, cam_t = cams = class_cams(model, interp, idx, x, layer)
     imgs, files = denorm(x), []
     for k, i in enumerate(idx.tolist()):
         prob = float(interp.preds[i, p[k]])
@@ -109,16 +130,7 @@ def draw(model, interp, idx, x, layer, out):
         _overlay(axs[2], imgs[k], cam_t[k], f'CAM of true {vocab[t[k]]}')
         fig.suptitle(f'test image {i}: {layer}', fontsize=9)
         files.append(save_figure(fig, out / f'gradcam_{k + 1:02d}.png').name)
-    n = len(idx)
-    fig = Figure(figsize=(1.9 * n + 0.8, 6.2))
-    axs = np.array(fig.subplots(3, n, squeeze=False))
-    for k in range(n):
-        prob = float(interp.preds[idx[k], p[k]])
-        _overlay(axs[0, k], imgs[k], None, f'true {vocab[t[k]]}')
-        _overlay(axs[1, k], imgs[k], cam_p[k], f'pred {vocab[p[k]]} ({prob:.2f})')
-        _overlay(axs[2, k], imgs[k], cam_t[k], f'CAM of {vocab[t[k]]}')
-    fig.suptitle(f'Grad-CAM at {layer}: rows are the image, the predicted class\'s map, the true class\'s map')
-    return files, save_figure(fig, out / 'gradcam.png').name
+    return files, save_figure(gradcam_grid(model, interp, idx, layer, x, cams), out / 'gradcam.png').name
 
 
 def compare_layers(model, interp, idx, x, out):

@@ -2,6 +2,7 @@
 import numpy as np
 import torch
 from fastai.interpret import ClassificationInterpretation
+import fastai.vision.learner  # noqa: F401  (registers plot_top_losses for image batches; without it, it raises)
 from fastai.vision.core import cifar_stats
 from matplotlib.figure import Figure
 

@@ -6,7 +6,6 @@ from functools import partial
 import numpy as np
 import torch
 import torch.nn.functional as F
-import fastai.callback.hook  # noqa: F401  (it patches Learner.summary onto the learners built here)
 import fastai.callback.schedule  # noqa: F401  (and Learner.fit_one_cycle, Learner.lr_find)
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import AMPMode, MixedPrecision
@@ -17,11 +16,12 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import OptimWrapper
 from fastai.torch_core import num_distrib
+from fastcore.basics import PrettyString
 
-from arch import custom_resnet
+from arch import custom_resnet, model_summary
 
-__all__ = ['PEAK', 'PRECISIONS', 'ScaledCrossEntropy', 'cifar_learner', 'BF16', 'LeanProgress', 'rng_state', 'set_rng_state', 'one_cycle_kwargs',
-           'fit_assignment', 'distributed', 'single_process', 'broadcast']
+__all__ = ['PEAK', 'PRECISIONS', 'ScaledCrossEntropy', 'CifarLearner', 'cifar_learner', 'BF16', 'LeanProgress',
+           'rng_state', 'set_rng_state', 'one_cycle_kwargs', 'fit_assignment', 'distributed', 'single_process', 'broadcast']
 
 PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all training steps
 
@@ -39,6 +39,12 @@ class ScaledCrossEntropy(CrossEntropyLossFlat):
 PRECISIONS = ('fp32', 'bf16')
 
 
+class CifarLearner(Learner):
+    "fastai's `Learner`, whose `summary()` is the assignment's table (`arch.model_summary`) rather than fastai's own."
+    # PrettyString, as fastai's summary returns: a notebook shows the table as printed text, not a quoted repr.
+    def summary(self): return PrettyString(model_summary(self.model))
+
+
 def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_smoothing=0., path='.', cbs=None,
                   precision='fp32', channels_last=False):
     "A fastai `Learner` for `custom_resnet` with the cifar10-fast optimizer: SGD, Nesterov momentum, L2 weight decay."
@@ -47,9 +53,9 @@ def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_sm
     # fastai's own SGD has no Nesterov, so torch's is wrapped; `moms` pins fastai's momentum schedule flat.
     if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
     opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=mom, nesterov=True)
-    learn = Learner(dls, model if model is not None else custom_resnet(len(dls.vocab)), opt_func=opt_func,
-                    loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=accuracy, wd=wd,
-                    moms=(mom, mom, mom), path=path, model_dir='.', cbs=cbs)
+    learn = CifarLearner(dls, model if model is not None else custom_resnet(len(dls.vocab)), opt_func=opt_func,
+                         loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=accuracy, wd=wd,
+                         moms=(mom, mom, mom), path=path, model_dir='.', cbs=cbs)
     learn.recorder.train_metrics = True  # fastai's one Recorder, not a second one: that prints every line twice
     learn.remove_cb(ProgressCallback).add_cb(LeanProgress())
     # Not fastai's `to_channelslast()`: it adds an fp16 MixedPrecision unless told otherwise, and its kwargs go to

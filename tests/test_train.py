@@ -134,3 +134,8 @@ def test_fastai_lr_find_shows_the_rule_as_two_suggestions(micro):
         sugg = learn.lr_find(num_it=30, show_plot=False, suggest_funcs=(lrmin, lrmax))
     found = from_curve(learn.recorder.lrs, learn.recorder.losses, 30)
     assert sugg._fields == ('lrmin', 'lrmax') and (sugg.lrmin, sugg.lrmax) == pytest.approx((found.lr_min, found.lr_max))
+
+
+def test_the_learners_summary_is_the_assignments_table(micro):
+    table = (Path(__file__).parent / 'data' / 'assignment_summary.txt').read_text().rstrip('\n')
+    assert learner(micro, bs=5).summary() == table  # not fastai's own format: the assignment's, row for row
