@@ -1,5 +1,5 @@
 """Grad-CAM for the custom ResNet: `gradcam()`, `cams.py --n 10` for a run's mistakes, `cams.py --image` for any image."""
-import json, re, sys
+import json, re
 from pathlib import Path
 from typing import Annotated
 
@@ -50,7 +50,7 @@ def gradcam(model, x, layer, target=None):
 
 # ---- the command line: Grad-CAM for a run's highest-loss mistakes --------------------------------------------
 
-from arch import BLOCKS, custom_resnet  # noqa: E402  (below gradcam, which needs only torch)
+from arch import BLOCKS  # noqa: E402  (below gradcam, which needs only torch)
 from cli import UsageError, user_errors  # noqa: E402
 from data import cifar_dls  # noqa: E402
 from interpret import denorm, interpret, top_misclassified  # noqa: E402
@@ -77,11 +77,10 @@ def load_run(run, data=None, device=None):
     config = json.loads((run / 'config.json').read_text())
     dls = cifar_dls(data or config.get('data'), bs=config.get('bs', 512), subset=config.get('subset'), device=device,
                     verbose=False)
-    model = custom_resnet(len(dls.vocab))
-    try: model.load_state_dict(torch.load(run / 'model.pth', map_location='cpu'))
-    except (RuntimeError, OSError, EOFError) as e:
-        raise UsageError(f'{run / "model.pth"} is not a custom_resnet state_dict ({str(e).splitlines()[0]})') from None
-    learn = cifar_learner(dls, model.to(dls.device))
+    model, _ = load_model(run, dls.device, data)  # predict.py's loader, with its one-line errors
+    if model.head.fc.out_features != len(dls.vocab):
+        raise UsageError(f'{run / "model.pth"} has {model.head.fc.out_features} classes, its data {len(dls.vocab)}')
+    learn = cifar_learner(dls, model)
     learn.remove_cb(learn.progress)  # a few seconds of prediction need no bar
     return learn
 

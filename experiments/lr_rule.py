@@ -16,8 +16,8 @@ def curves_of(path):
     try: d = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e: raise UsageError(f'cannot read finder curves from {path} ({e})') from None
     runs = d['runs'] if 'runs' in d else [d]
-    out = [(f"seed {r.get('seed', '?')}", r['lrs'], r['losses'], r.get('num_it', d.get('num_it', 100)))
-           for r in runs if r.get('lrs')]
+    label = lambda r: f"seed {r['seed']}" if 'seed' in r else Path(path).stem  # a run's lr_find.json has no seed
+    out = [(label(r), r['lrs'], r['losses'], r.get('num_it', d.get('num_it', 100))) for r in runs if r.get('lrs')]
     if not out: raise UsageError(f'{path} holds no finder curve (no "lrs" and "losses"); it predates the saved curves')
     return d.get('device', ''), out
 

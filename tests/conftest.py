@@ -43,6 +43,17 @@ def cifar10(tmp_path_factory):
     return dest / 'cifar10'
 
 
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+    "A finished 1-epoch CPU run on a tiny folder of classes c0…c9 (given LRs, so no finder), beside its data/."
+    root = tmp_path_factory.mktemp('tiny-run')
+    data, out = make_folder(root / 'data'), root / 'run'
+    r = run_script('experiments/run.py', '--data', data, '--epochs', 1, '--bs', 20, '--out', out,
+                   '--lr-min', 0.01, '--lr-max', 0.1, '--seed', 0, '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    return out
+
+
 def run_script(*args, timeout=600):
     "Run a script of the suite as a user would, in a fresh process; returns the CompletedProcess."
     env = {**os.environ, 'PYTHONWARNINGS': 'ignore::FutureWarning'}

@@ -8,7 +8,7 @@ from torch import nn
 
 from arch import custom_resnet
 from cams import gradcam
-from conftest import make_folder, run_script
+from conftest import run_script
 
 
 def no_hooks(model):
@@ -129,17 +129,6 @@ def test_all_negative_evidence_gives_zeros_not_nan():
     x = torch.rand(2, 2, 4, 4) + 0.1  # positive activations, negative weights for class 0: ReLU of a negative sum
     cam = gradcam(net, x, net[0], target=0)
     assert torch.equal(cam, torch.zeros_like(cam))
-
-
-@pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory):
-    "A finished 1-epoch run on a tiny folder (given LRs, so no finder)."
-    root = tmp_path_factory.mktemp('cams')
-    data, out = make_folder(root / 'data'), root / 'run'
-    r = run_script('experiments/run.py', '--data', data, '--epochs', 1, '--bs', 20, '--out', out,
-                   '--lr-min', 0.01, '--lr-max', 0.1, '--seed', 0)
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def test_cams_end_to_end(tiny_run, tmp_path):

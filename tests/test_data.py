@@ -8,7 +8,7 @@ from PIL import Image
 from fastai.vision.core import cifar_stats
 
 import data
-from conftest import CLASSES, make_folder
+from conftest import CLASSES
 from data import DataError, balanced_subset, cifar_dls, load_arrays
 
 

@@ -1,5 +1,5 @@
 """torchrun with 2 CPU processes (gloo): one run folder, written by rank 0, with the single-process LR schedule."""
-import csv, json, sys
+import json
 
 from conftest import run_script
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from arch import custom_resnet
 from cli import UsageError
-from conftest import CLASSES, make_folder, run_script
+from conftest import CLASSES, run_script
 from predict import CIFAR10_CLASSES, Prediction, load_model, network_view, predict, preprocess, read_image
 
 
@@ -21,17 +21,6 @@ def model():
     m = custom_resnet().eval()
     with torch.no_grad(): m.head.fc.weight *= 30
     return m
-
-
-@pytest.fixture(scope='module')
-def tiny_run(tmp_path_factory):
-    "A finished 1-epoch run on a tiny folder of classes c0…c9 (given LRs, so no finder)."
-    root = tmp_path_factory.mktemp('predict')
-    data, out = make_folder(root / 'data'), root / 'run'
-    r = run_script('experiments/run.py', '--data', data, '--epochs', 1, '--bs', 20, '--out', out,
-                   '--lr-min', 0.01, '--lr-max', 0.1, '--seed', 0, '--device', 'cpu')
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 def image(w, h, mode='RGB', seed=0):

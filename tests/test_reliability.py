@@ -1,5 +1,5 @@
 """A killed run resumes exactly, the same seed gives the same run, a diverging run stops with a message, bad input is named."""
-import csv, json, os, signal, subprocess, sys, time
+import csv, json, signal, subprocess, sys, time
 
 import pytest
 import torch
