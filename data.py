@@ -107,8 +107,8 @@ def _decode_all(files, bad, workers=None):
     return np.concatenate([o for o, _ in parts])
 
 
-def load_arrays(root, cache_dir=None, verbose=True):
-    "Classes and uint8 arrays of both splits: read from a CIFAR-10 release, or decoded once and cached, keyed on the files."
+def load_arrays(root, cache_dir=None, verbose=True, workers=None):
+    "Classes and uint8 arrays of both splits: read from a release, or decoded once (`workers` processes) and cached."
     root = Path(root)
     release = find_release(root)
     if release:  # raw pixels already: all 60,000 read in under half a second, so there is nothing to cache
@@ -125,7 +125,7 @@ def load_arrays(root, cache_dir=None, verbose=True):
     if verbose: print(f'decoding {sum(len(f) for f, _ in splits.values()):,} images from {root} once; '
                       f'caching them in {cache_dir}')
     bad = []
-    arrays = {s: (_decode_all(files, bad), labels) for s, (files, labels) in splits.items()}
+    arrays = {s: (_decode_all(files, bad, workers), labels) for s, (files, labels) in splits.items()}
     # Stop before training and name them all: silently skipping would change the dataset under the user.
     if bad: raise DataError(f'{len(bad)} unreadable image(s), fix or remove them: ' + '; '.join(bad))
     try:

@@ -5,7 +5,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from fastcore.script import call_parse
 
-import data as data_py
 from data import load_arrays, resolve_path
 
 
@@ -14,8 +13,7 @@ def main(data: str = None):  # CIFAR folder with train/ and test/ (default: $CIF
     "Time `load_arrays` with a cold cache, one worker and then every core."
     root = resolve_path(data)
     for workers in (1, os.cpu_count()):
-        data_py._decode_all.__defaults__ = (workers,)  # the one setting this measures; the code's default is every core
         with tempfile.TemporaryDirectory() as cache:
             t = time.perf_counter()
-            load_arrays(root, cache_dir=cache, verbose=False)
+            load_arrays(root, cache_dir=cache, verbose=False, workers=workers)
             print(f'{workers} worker(s): decoded and cached {root} in {time.perf_counter() - t:.1f} s', flush=True)

@@ -1,5 +1,5 @@
 """Shared fixtures: tiny image folders made on the spot, and the real CIFAR-10 unpacked once per session."""
-import os, subprocess, sys, tarfile
+import os, runpy, subprocess, sys, tarfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,17 @@ def tiny_run(tmp_path_factory):
                    '--lr-min', 0.01, '--lr-max', 0.1, '--seed', 0, '--device', 'cpu')
     assert r.returncode == 0, r.stderr
     return out
+
+
+def run_here(capsys, script, *args):
+    "A script's command line run in this process, where the imports are warm: its exit status and its stderr."
+    # For the one-line errors: a fresh interpreter costs ~7 s of imports each. Tests that run a script
+    # end to end, a crash or a kill included, still use `run_script`.
+    argv, sys.argv = sys.argv, [str(ROOT / script), *map(str, args)]
+    try: runpy.run_path(str(ROOT / script), run_name='__main__'); code = 0
+    except SystemExit as e: code = e.code
+    finally: sys.argv = argv
+    return code, capsys.readouterr().err
 
 
 def run_script(*args, timeout=600):

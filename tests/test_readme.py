@@ -4,12 +4,13 @@ import re
 from conftest import ROOT, run_script
 
 
-def readme_snippet(data, bs, epochs, subset=None):
-    "The README's 'Interactive use' block, pointed at `data` with a smaller batch, subset and epoch count."
+def readme_snippet(data, bs, epochs, subset=None, find_iters=100):
+    "The README's 'Interactive use' block, pointed at `data` with a smaller batch, subset, epoch count and finder."
     text = (ROOT / 'README.md').read_text()
     code = re.search(r'## Interactive use\s+```python\n(.*?)```', text, re.S).group(1)
     swaps = [("cifar_dls('data/cifar10', bs=512)", f"cifar_dls({str(data)!r}, bs={bs}, subset={subset})"),
-             ('learn.fit_one_cycle(24,', f'learn.fit_one_cycle({epochs},')]
+             ('learn.fit_one_cycle(24,', f'learn.fit_one_cycle({epochs},'),
+             ('learn.lr_find(suggest_funcs=', f'learn.lr_find(num_it={find_iters}, suggest_funcs=')]
     for old, new in swaps:
         assert code.count(old) == 1, f'the README snippet no longer has {old!r}; update this test with it'
         code = code.replace(old, new)
@@ -25,5 +26,5 @@ def run_snippet(code):
 
 
 def test_the_readme_snippet_runs(tiny):
-    out = run_snippet(readme_snippet(tiny, bs=10, epochs=2))
+    out = run_snippet(readme_snippet(tiny, bs=10, epochs=2, find_iters=30))
     assert 0 < float(out['lrmin']) < float(out['lrmax']) and out['epochs'] == '2'

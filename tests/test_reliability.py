@@ -5,7 +5,7 @@ import pytest
 import torch
 from fastai.torch_core import set_seed
 
-from conftest import ROOT, make_folder, run_script
+from conftest import ROOT, make_folder, run_here, run_script
 from data import cifar_dls
 from callbacks import Checkpoint, Diverged, RunLog, StopOnDivergence
 from train import cifar_learner, fit_assignment
@@ -62,7 +62,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(data, uninterrupted, tm
     assert (out / 'model.pth').exists() and not (out / 'checkpoint.pth').exists()
 
 
-def test_a_gpu_run_resumes_on_another_device(data, tmp_path):
+def test_a_gpu_run_resumes_on_another_device(data, tmp_path, capsys):
     "A checkpoint written on a GPU (a CUDA random stream, device cuda:0) continues with --device cpu."
     out = killed_run(data, tmp_path / 'gpu-run')
     state = torch.load(out / 'checkpoint.pth', weights_only=False)
@@ -72,8 +72,8 @@ def test_a_gpu_run_resumes_on_another_device(data, tmp_path):
     config = json.loads((out / 'config.json').read_text())
     (out / 'config.json').write_text(json.dumps({**config, 'device': 'cuda:0'}))
     if not torch.cuda.is_available():
-        r = run_script('experiments/run.py', '--resume', out)
-        assert r.returncode == 2 and 'add --device cpu' in r.stderr and 'Traceback' not in r.stderr
+        code, err = run_here(capsys, 'experiments/run.py', '--resume', out)
+        assert code == 2 and 'add --device cpu' in err and len(err.splitlines()) == 1
     r = run_script('experiments/run.py', '--resume', out, '--device', 'cpu')
     assert r.returncode == 0, r.stderr
     assert [g['epoch'] for g in rows(out / 'metrics.csv')] == ['1', '2', '3', '4'] and (out / 'model.pth').exists()
@@ -83,15 +83,15 @@ def test_a_gpu_run_resumes_on_another_device(data, tmp_path):
     (lambda d: None, 'no such run folder'),
     (lambda d: d.mkdir(), 'not a run folder'),
 ])
-def test_resume_needs_a_run_folder(tmp_path, setup, message):
+def test_resume_needs_a_run_folder(tmp_path, capsys, setup, message):
     setup(tmp_path / 'r')
-    r = run_script('experiments/run.py', '--resume', tmp_path / 'r')
-    assert r.returncode == 2 and message in r.stderr and 'Traceback' not in r.stderr
+    code, err = run_here(capsys, 'experiments/run.py', '--resume', tmp_path / 'r')
+    assert code == 2 and message in err and len(err.splitlines()) == 1
 
 
-def test_resume_of_a_finished_run_says_so(uninterrupted):
-    r = run_script('experiments/run.py', '--resume', uninterrupted)
-    assert r.returncode == 2 and 'already finished' in r.stderr
+def test_resume_of_a_finished_run_says_so(uninterrupted, capsys):
+    code, err = run_here(capsys, 'experiments/run.py', '--resume', uninterrupted)
+    assert code == 2 and 'already finished' in err
 
 
 class NaNAfter:
@@ -140,13 +140,13 @@ def test_corrupt_images_are_named_before_anything_is_made(tmp_path):
     (lambda p: p.mkdir(), 'has no train/ or test/ folder'),
     (lambda p: (p / 'train').mkdir(parents=True), 'has no test/ folder'),
 ])
-def test_incomplete_data_folders_name_what_is_missing(tmp_path, make, message):
+def test_incomplete_data_folders_name_what_is_missing(tmp_path, capsys, make, message):
     make(tmp_path / 'd')
-    r = run_script('experiments/run.py', '--data', tmp_path / 'd', '--out', tmp_path / 'run')
-    assert r.returncode == 2 and message in r.stderr
+    code, err = run_here(capsys, 'experiments/run.py', '--data', tmp_path / 'd', '--out', tmp_path / 'run')
+    assert code == 2 and message in err
 
 
-def test_out_that_is_a_file(tmp_path, data):
+def test_out_that_is_a_file(tmp_path, capsys, data):
     (tmp_path / 'f').write_text('x')
-    r = run_script('experiments/run.py', '--data', data, '--out', tmp_path / 'f')
-    assert r.returncode == 2 and 'is a file, not a folder' in r.stderr
+    code, err = run_here(capsys, 'experiments/run.py', '--data', data, '--out', tmp_path / 'f')
+    assert code == 2 and 'is a file, not a folder' in err

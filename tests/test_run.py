@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from arch import custom_resnet
-from conftest import run_script
+from conftest import run_here, run_script
 from lrfind import from_curve
 
 FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
@@ -78,11 +78,9 @@ def test_given_lrs_skip_the_finder(tiny, tmp_path):
     (['--lr-min', '0.1'], 'give both --lr-min and --lr-max'),
     (['--subset', '5'], '--subset 5 is smaller than the number of classes (10)'),
 ])
-def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny, tmp_path, args, message):
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny, tmp_path, capsys, args, message):
     out = tmp_path / 'run'
     data = [] if '--data' in args else ['--data', tiny]
-    r = run_script('experiments/run.py', *data, *args, '--out', out)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f'run.py: error: {r.stderr.strip().split("error: ", 1)[1]}']
-    assert message in r.stderr and 'Traceback' not in r.stderr
-    assert not out.exists()
+    code, err = run_here(capsys, 'experiments/run.py', *data, *args, '--out', out)
+    assert code == 2 and err.strip().splitlines() == [f'run.py: error: {err.strip().split("error: ", 1)[1]}']
+    assert message in err and not out.exists()

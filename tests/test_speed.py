@@ -8,7 +8,7 @@ from fastai.callback.progress import ProgressCallback
 from fastai.torch_core import set_seed
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import make_folder, run_script
+from conftest import make_folder, run_here, run_script
 from data import cifar_dls
 from callbacks import Diverged, RunLog, StopOnDivergence
 from train import BF16, LeanProgress, cifar_learner, fit_assignment
@@ -130,7 +130,7 @@ def test_run_records_the_speed_flags(folder, tmp_path):
     assert (config['precision'], config['channels_last'], config['deterministic']) == ('bf16', True, True)
 
 
-def test_an_unknown_precision_is_one_line(folder, tmp_path):
-    r = run_script('experiments/run.py', '--data', folder, '--precision', 'fp16', '--out', tmp_path / 'run')
-    assert r.returncode == 2 and "--precision must be one of fp32, bf16, got 'fp16'" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / 'run').exists()
+def test_an_unknown_precision_is_one_line(folder, tmp_path, capsys):
+    code, err = run_here(capsys, 'experiments/run.py', '--data', folder, '--precision', 'fp16', '--out', tmp_path / 'run')
+    assert code == 2 and "--precision must be one of fp32, bf16, got 'fp16'" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'run').exists()

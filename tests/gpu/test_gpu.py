@@ -72,5 +72,5 @@ def test_bench_subset_on_the_gpu(cifar10, tmp_path):
 
 
 def test_the_readme_snippet_on_the_gpu(cifar10):
-    out = run_snippet(readme_snippet(cifar10, bs=256, epochs=2, subset=2000))
+    out = run_snippet(readme_snippet(cifar10, bs=256, epochs=2, subset=2000, find_iters=40))
     assert out['device'].startswith('cuda') and 0 < float(out['lrmin']) < float(out['lrmax'])
