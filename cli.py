@@ -2,7 +2,10 @@
 import sys
 from contextlib import contextmanager
 
-__all__ = ['UsageError', 'RunError', 'user_errors']
+import torch
+from fastai.torch_core import default_device
+
+__all__ = ['UsageError', 'RunError', 'user_errors', 'torch_device']
 
 
 class UsageError(Exception):
@@ -20,3 +23,12 @@ def user_errors(prog):
     except (UsageError, RunError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr, flush=True)
         raise SystemExit(2 if isinstance(e, UsageError) else 1) from None
+
+
+def torch_device(name=None):
+    "The torch device `name` names (default: the GPU if there is one), or a `UsageError` saying why it can't be used."
+    if name is None: return default_device()
+    try: dev = torch.device(name)
+    except RuntimeError: raise UsageError(f'--device {name!r} is not a torch device (try cuda or cpu)') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available(): raise UsageError(f'--device {name}: no CUDA GPU is available')
+    return dev

@@ -11,10 +11,11 @@ from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
 from fastai.data.core import TfmdDL
 from fastai.data.external import URLs, untar_data
 from fastai.data.transforms import IndexSplitter, IntToFloatTensor
-from fastai.torch_core import TensorCategory, TensorImage, default_device
+from fastai.torch_core import TensorCategory, TensorImage
 from fastai.vision.core import cifar_stats
 
 from augment import Cutout, LeanNormalize, PadCropFlip
+from cli import torch_device
 from formats import DataError, find_release, read_release
 
 __all__ = ['DataError', 'IMAGE_EXTS', 'resolve_path', 'scan_folder', 'load_arrays', 'balanced_subset', 'ArrayDL',
@@ -208,7 +209,7 @@ def cifar_dls(path=None, bs=512, subset=None, device=None, seed=None, cache_dir=
     if subset:  # a fixed class-balanced draw, the same for every seed, so that runs stay comparable
         tr, te = balanced_subset(y_tr, subset, len(classes)), balanced_subset(y_te, subset // 5, len(classes))
         x_tr, y_tr, x_te, y_te = x_tr[tr], y_tr[tr], x_te[te], y_te[te]
-    device = torch.device(device) if device is not None else default_device()
+    device = torch_device(device)
     # The whole uint8 dataset lives on the training device (180 MB for CIFAR-10), so batches never cross the bus.
     images = torch.from_numpy(np.concatenate([x_tr, x_te])).to(device)
     labels = torch.from_numpy(np.concatenate([y_tr, y_te])).to(device)

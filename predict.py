@@ -6,11 +6,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from fastai.torch_core import default_device
 from fastai.vision.core import cifar_stats
 
 from arch import custom_resnet
-from cli import UsageError
+from cli import UsageError, torch_device
 from data import DataError, scan_folder
 from train import ScaledCrossEntropy
 
@@ -122,9 +121,7 @@ def run_classes(run, n_out, data=None):
 def load_model(run, device=None, data=None):
     "A run folder's trained `custom_resnet` (on `device`, default the GPU if there is one) and its class names."
     run, file = Path(run), Path(run) / 'model.pth'
-    try: dev = torch.device(device) if device is not None else default_device()
-    except RuntimeError: raise UsageError(f'--device {device!r} is not a torch device (try cuda or cpu)') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available(): raise UsageError(f'--device {device}: no CUDA GPU is available')
+    dev = torch_device(device)
     try:
         state = torch.load(file, map_location='cpu')
         model = custom_resnet(state['head.fc.weight'].shape[0])  # as many outputs as the run had classes

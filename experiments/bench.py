@@ -7,11 +7,11 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without installing
 import torch
 import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
-from fastai.torch_core import default_device, set_seed
+from fastai.torch_core import set_seed
 from fastai.vision.all import CropPad, Flip, ImageDataLoaders, Normalize, RandomCrop, cifar_stats
 
 from arch import custom_resnet
-from cli import UsageError, user_errors
+from cli import UsageError, torch_device, user_errors
 from data import balanced_subset, resolve_path, scan_folder
 from formats import find_release
 from report import read_csv
@@ -168,7 +168,7 @@ def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, el
             raise UsageError(f'--data {data} is the CIFAR-10 {release[0]} release, and the stock fastai and torchvision '
                              'baselines read an image folder; point --data at one with train/<class>/ and test/<class>/')
         out.mkdir(parents=True, exist_ok=True)
-        dev = torch.device(device) if device else default_device()
+        dev = torch_device(device)
         name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
         speed = ['--precision', precision] + (['--channels-last'] if channels_last else [])
         runs = [suite(data, seed, epochs, bs, subset, find_iters, device, out, speed) for seed in range(seeds)]

@@ -10,10 +10,10 @@ sys.path.insert(0, str(ROOT))  # `python experiments/run.py` works from anywhere
 import torch
 import fastai, fastcore
 from fastcore.script import call_parse, store_true
-from fastai.torch_core import default_device, num_distrib, rank_distrib, set_seed
+from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 from arch import write_summary
-from cli import RunError, UsageError, user_errors
+from cli import RunError, UsageError, torch_device, user_errors
 from data import cifar_dls
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
@@ -74,11 +74,7 @@ def pick_device(device):
                                           f'{gpus} process(es) per machine, or pass --device cpu')
         torch.cuda.set_device(rank)
         return torch.device('cuda', torch.cuda.current_device())
-    if device is None: return default_device()
-    try: dev = torch.device(device)
-    except RuntimeError: raise UsageError(f'--device {device!r} is not a torch device (try cuda or cpu)') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available(): raise UsageError(f'--device {device}: no CUDA GPU is available')
-    return dev
+    return torch_device(device)
 
 
 def check_out(out):

@@ -154,6 +154,7 @@ def test_fewer_mistakes_than_n_draws_what_there_is(tiny_run, tmp_path):
     (['--n', '0'], '--n must be at least 1'),
     (['--layer', 'layer9'], "choose one of prep, layer1, layer2, layer3"),
     (['--run', '/no/such/run'], '--run /no/such/run does not exist'),
+    (['--device', 'nope'], "--device 'nope' is not a torch device"),  # was a traceback from torch.device
 ])
 def test_bad_flags_are_one_line_errors(tiny_run, capsys, args, message):
     code, err = run_here(capsys, 'cams.py', *(['--run', tiny_run] if '--run' not in args else []), *args)
