@@ -10,7 +10,7 @@ from fastai.vision.core import cifar_stats
 
 from arch import custom_resnet
 from cli import UsageError, torch_device
-from data import DataError, scan_folder
+from data import SIZE, DataError, scan_folder  # SIZE: the network's input is SIZE×SIZE, as the data's
 from train import ScaledCrossEntropy
 
 __all__ = ['CIFAR10_CLASSES', 'SIZE', 'Prediction', 'read_image', 'network_view', 'to_input', 'preprocess', 'predict',
@@ -18,7 +18,6 @@ __all__ = ['CIFAR10_CLASSES', 'SIZE', 'Prediction', 'read_image', 'network_view'
 
 # CIFAR-10's classes in label order, which is also the sorted order of its folders and so of `dls.vocab`.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-SIZE = 32  # the network's input is SIZE×SIZE: its MaxPool(4) head needs exactly that
 
 
 class Prediction(NamedTuple):
