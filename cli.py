@@ -1,11 +1,16 @@
 """One-line errors for the command-line tools: a user's mistake exits with a message, never a traceback."""
-import sys
+import sys, warnings
 from contextlib import contextmanager
 
 import torch
 from fastai.torch_core import default_device
 
 __all__ = ['UsageError', 'RunError', 'user_errors', 'torch_device']
+
+# fastai's import (fastai.layers and everything above it) calls `torch.jit.script`, which torch 2.14 deprecates with
+# a FutureWarning printed at every command's start. Not ours to fix: every entry point imports this module before
+# fastai's training modules, so a run starts quietly (setup.cfg filters the same warning for pytest).
+warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 
 
 class UsageError(Exception):

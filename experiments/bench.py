@@ -4,6 +4,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+from cli import UsageError, torch_device, user_errors  # first: it quiets fastai's import-time warning
 import torch
 import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
@@ -11,7 +12,6 @@ from fastai.torch_core import set_seed
 from fastai.vision.all import CropPad, Flip, ImageDataLoaders, Normalize, RandomCrop, cifar_stats
 
 from arch import custom_resnet
-from cli import UsageError, torch_device, user_errors
 from data import balanced_subset, resolve_path, scan_folder
 from formats import find_release
 from report import read_csv

@@ -3,6 +3,7 @@ import os, sys, tempfile, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+import cli  # noqa: F401  (first: it quiets fastai's import-time warning)
 from fastcore.script import call_parse
 
 from data import load_arrays, resolve_path

@@ -3,6 +3,7 @@ import json, os, sys, time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+import cli  # noqa: F401  (first: it quiets fastai's import-time warning)
 import torch
 from fastcore.script import call_parse
 from fastai.vision.all import ImageDataLoaders, RandomCrop, Flip, Normalize, cifar_stats
