@@ -141,7 +141,11 @@ class StopOnDivergence(Callback):
 
     def _check(self):
         if self.first is None: return
-        step = int(self.first)  # the one read of the window
+        shown = getattr(self.learn, 'smooth_loss', None)  # the Recorder's, kept on the device (train.DeviceSmoothLoss)
+        if shown is None: step = int(self.first)  # the one read of the window
+        else:  # the one read of the window: the flag, and the smoothed loss for the progress bar (train.LeanProgress)
+            step, self.learn.shown_loss = torch.stack([self.first, shown.to(self.first)]).tolist()
+            step = int(step)
         if step >= 0:
             raise Diverged(f'training diverged: the loss became {float(self.first_loss)} at epoch {self.epoch + 1}, '
                            f'step {step + 1} (LR {self.lrs[step]:.3g}); try a lower --lr-max')

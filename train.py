@@ -8,19 +8,21 @@ import torch
 import torch.nn.functional as F
 import fastai.callback.schedule  # noqa: F401  (and Learner.fit_one_cycle, Learner.lr_find)
 from fastai.callback.channelslast import ChannelsLast
+from fastai.callback.core import Callback
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.callback.progress import ProgressCallback
-from fastai.distributed import DistributedDL
-from fastai.learner import Learner
+from fastai.learner import AvgLoss, AvgMetric, AvgSmoothLoss, Learner, Recorder
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from fastai.optimizer import OptimWrapper
-from fastai.torch_core import num_distrib
+from fastai.torch_core import find_bs, num_distrib
 from fastcore.basics import PrettyString
 
 from arch import custom_resnet, model_summary
+from cli import UsageError
 
-__all__ = ['PEAK', 'PRECISIONS', 'ScaledCrossEntropy', 'CifarLearner', 'cifar_learner', 'BF16', 'LeanProgress',
+__all__ = ['PEAK', 'PRECISIONS', 'ScaledCrossEntropy', 'CifarLearner', 'cifar_learner', 'BF16', 'ChannelsLastBatches',
+           'DeviceAvgMetric', 'DeviceAvgLoss', 'DeviceSmoothLoss', 'HostLosses', 'LeanProgress', 'use_cudnn',
            'rng_state', 'set_rng_state', 'one_cycle_kwargs', 'fit_assignment', 'distributed', 'single_process', 'broadcast']
 
 PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all training steps
@@ -54,13 +56,16 @@ def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_sm
     if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
     opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=mom, nesterov=True)
     learn = CifarLearner(dls, model if model is not None else custom_resnet(len(dls.vocab)), opt_func=opt_func,
-                         loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=accuracy, wd=wd,
-                         moms=(mom, mom, mom), path=path, model_dir='.', cbs=cbs)
-    learn.recorder.train_metrics = True  # fastai's one Recorder, not a second one: that prints every line twice
-    learn.remove_cb(ProgressCallback).add_cb(LeanProgress())
+                         loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=DeviceAvgMetric(accuracy),
+                         wd=wd, moms=(mom, mom, mom), path=path, model_dir='.', cbs=cbs)
+    rec = learn.recorder
+    rec.train_metrics = True  # fastai's one Recorder, not a second one: that prints every line twice
+    # fastai's Recorder, its columns and its numbers, with the sums kept on the device (read once an epoch).
+    rec.loss, rec.smooth_loss = DeviceAvgLoss(), DeviceSmoothLoss(beta=rec.smooth_loss.beta)
+    learn.remove_cb(ProgressCallback).add_cbs([LeanProgress(), HostLosses()])
     # Not fastai's `to_channelslast()`: it adds an fp16 MixedPrecision unless told otherwise, and its kwargs go to
     # GradScaler, so `to_channelslast(to_fp16=False)` fails in before_fit with a TypeError (FASTAI_NOTES.md).
-    if channels_last: learn.add_cb(ChannelsLast())
+    if channels_last: learn.add_cb(ChannelsLastBatches())
     if precision == 'bf16': learn.add_cb(BF16())
     return learn
 
@@ -75,16 +80,71 @@ class BF16(MixedPrecision):
         self.autocast = torch.autocast(self.dls.device.type, dtype=torch.bfloat16)
 
 
-class LeanProgress(ProgressCallback):
-    "fastai's progress bars, with the smoothed loss shown every `every` batches: fastai reads it on the host at every one."
-    def __init__(self, every=25): self.every = every
+class ChannelsLastBatches(ChannelsLast):
+    "fastai's `ChannelsLast`, which converts the model only, and each batch converted once as it reaches the model."
+    # Otherwise every batch arrives in NCHW and the first convolution converts it, a hidden copy a batch.
+    def before_batch(self):
+        self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in self.xb)
 
+
+# ---- no host read in a training batch ----------------------------------------------------------------------------
+# fastai's AvgMetric, AvgLoss and AvgSmoothLoss call `to_detach(..., cpu=True)`, a `.cpu()` of a one-number tensor,
+# at every batch: on a GPU each one waits for all the work queued before it. These keep the same sums on the
+# device (the same operations, so the same numbers) and fastai's Recorder reads them once, at the epoch's end.
+
+class DeviceAvgMetric(AvgMetric):
+    "fastai's `AvgMetric`, summed on the device."
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb)
+        self.total += learn.to_detach(self.func(learn.pred, *learn.yb), cpu=False) * bs
+        self.count += bs
+
+
+class DeviceAvgLoss(AvgLoss):
+    "fastai's `AvgLoss` (the validation loss), summed on the device."
+    def accumulate(self, learn):
+        bs = find_bs(learn.yb)
+        self.total += learn.to_detach(learn.loss.mean(), cpu=False) * bs
+        self.count += bs
+
+
+class DeviceSmoothLoss(AvgSmoothLoss):
+    "fastai's `AvgSmoothLoss` (the training loss it shows), kept on the device."
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.to_detach(learn.loss.mean(), cpu=False)
+        self.val = torch.lerp(loss, self.val.to(loss.device), self.beta)  # .to: once a fit, from reset's CPU zero
+
+
+class HostLosses(Callback):
+    "Moves the Recorder's per-batch smoothed losses to the host in one read an epoch (lr_find and plot_loss read them)."
+    order = Recorder.order + 1
+
+    def before_fit(self): self.done = 0
+    def after_train(self): self._to_host()
+    def after_fit(self): self._to_host()  # lr_find stops mid-epoch, with no after_train
+
+    def _to_host(self):
+        losses = self.recorder.losses
+        if len(losses) > self.done: losses[self.done:] = list(torch.stack(losses[self.done:]).cpu())
+        self.done = len(losses)
+
+
+class LeanProgress(ProgressCallback):
+    "fastai's progress bars, showing the smoothed loss as the divergence check last read it: fastai reads it every batch."
     @property
     def name(self): return 'progress'  # where fastai's own bar is found: `learn.progress`
 
     def after_batch(self):
         self.pbar.update(self.iter + 1)
-        if hasattr(self, 'smooth_loss') and self.iter % self.every == 0: self.pbar.comment = f'{self.smooth_loss.item():.4f}'
+        # `shown_loss` is a Python float, set by `callbacks.StopOnDivergence` in its periodic read of the device.
+        if self.training and getattr(self.learn, 'shown_loss', None) is not None:
+            self.pbar.comment = f'{self.learn.shown_loss:.4f}'
+
+
+def use_cudnn(deterministic):
+    "cuDNN's benchmark search by default (the fastest algorithms for these shapes); fixed, repeatable ones on request."
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not deterministic, deterministic
 
 
 def rng_state(learn):
@@ -125,6 +185,11 @@ def fit_assignment(learn, epochs, lr_min, lr_max, cbs=None, **kwargs):
 def distributed(learn):
     "fastai's `distrib_ctx` when launched by torchrun or `accelerate launch`, with its CPU work-arounds; else nothing."
     if num_distrib() <= 1: yield learn; return
+    # Imported here, not at the top: fastai.distributed needs accelerate, which only the [dist] extra installs, and
+    # a single-process run (the README's first command, on a plain `pip install -e .`) must not need it.
+    try: from fastai.distributed import DistributedDL
+    except (ImportError, NameError) as e:  # without accelerate, fastai's module fails with a NameError
+        raise UsageError("several processes need accelerate: pip install -e '.[dist]'") from e
     cpu = learn.dls.device.type == 'cpu'
     if cpu: os.environ.setdefault('ACCELERATE_USE_CPU', '1')  # accelerate otherwise looks for a GPU per process
     fastai_broadcast, DistributedDL._broadcast = DistributedDL._broadcast, _broadcast_idxs  # only while we train here
