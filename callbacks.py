@@ -180,6 +180,10 @@ def load_checkpoint(learn, path):
     # On the CPU: torch.set_rng_state takes CPU tensors only; weights and optimizer state follow their parameters.
     state = torch.load(path, map_location='cpu', weights_only=False)
     learn.model.load_state_dict(state['model'])
+    # The model goes to the training device before the optimizer is made: torch's load_state_dict puts each state
+    # tensor (the momentum buffers) on its parameter's device, and fastai's own move in before_fit moves only the
+    # parameters, so buffers loaded beside a CPU model would stay there and the first GPU step would fail.
+    learn.model.to(learn.dls.device)
     learn.create_opt()
     learn.opt.load_state_dict(state['opt'])
     set_rng_state(learn, state['rng'])

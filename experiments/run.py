@@ -19,7 +19,7 @@ from interpret import interpret, most_confused, plot_confusion, plot_misclassifi
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
 from callbacks import ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, truncate_logs
 from lrfind import find_lrs
-from train import PEAK, PRECISIONS, broadcast, cifar_learner, distributed, fit_assignment, single_process
+from train import PEAK, PRECISIONS, broadcast, cifar_learner, distributed, fit_assignment, single_process, use_cudnn
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,6 @@ class Settings:
     def of_run(cls, config):
         "The settings a run folder's config.json recorded; ones it predates keep their defaults."
         return cls(**{f.name: config[f.name] for f in fields(cls) if f.name in config})
-
-
-def use_cudnn(deterministic):
-    "cuDNN's benchmark search by default (the fastest algorithms for these shapes); fixed, repeatable ones on request."
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = not deterministic, deterministic
 
 
 def pick_device(device):

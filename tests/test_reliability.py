@@ -7,7 +7,7 @@ from fastai.torch_core import set_seed
 
 from conftest import ROOT, make_folder, run_here, run_script
 from data import cifar_dls
-from callbacks import Checkpoint, Diverged, RunLog, StopOnDivergence
+from callbacks import Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint
 from train import cifar_learner, fit_assignment
 
 # On the CPU: bit-for-bit equality is a CPU promise (CUDA's max-pool backward adds atomically, in any order).
@@ -77,6 +77,21 @@ def test_a_gpu_run_resumes_on_another_device(data, tmp_path, capsys):
     r = run_script('experiments/run.py', '--resume', out, '--device', 'cpu')
     assert r.returncode == 0, r.stderr
     assert [g['epoch'] for g in rows(out / 'metrics.csv')] == ['1', '2', '3', '4'] and (out / 'model.pth').exists()
+
+
+def test_resumed_optimizer_state_lives_on_the_parameters_device(tmp_path):
+    "A checkpoint loaded for another device: momentum buffers follow the weights there, not left on the CPU."
+    folder = make_folder(tmp_path / 'd', n_train=1, n_test=1)
+    set_seed(0)
+    learn = cifar_learner(cifar_dls(folder, bs=5, device='cpu', verbose=False))
+    with learn.no_logging(): fit_assignment(learn, 1, 0.01, 0.1, cbs=[Checkpoint(tmp_path / 'ck.pth')])
+    resumed = cifar_learner(cifar_dls(folder, bs=5, device='cpu', verbose=False))
+    resumed.dls.device = torch.device('meta')  # a device other than the CPU the checkpoint is read onto
+    load_checkpoint(resumed, tmp_path / 'ck.pth')
+    resumed.model.to(resumed.dls.device)  # what fastai's TrainEvalCallback.before_fit does, and no more
+    state = resumed.opt.opt.state
+    assert len(state) == len(list(resumed.model.parameters()))  # every parameter has its momentum buffer
+    assert all(buf.device == p.device == torch.device('meta') for p, s in state.items() for buf in s.values())
 
 
 @pytest.mark.parametrize('setup,message', [

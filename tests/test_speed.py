@@ -141,8 +141,12 @@ def test_bf16_autocast_on_the_learners_own_device(folder):
 
 def test_channels_last_with_bf16_and_no_fp16(folder):
     learn = learner(folder, precision='bf16', channels_last=True)
+    layouts = []  # of every batch as the model receives it, training and validation
+    learn.model.register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
     with learn.no_logging(): fit_assignment(learn, 1, 0.01, 0.1)
     assert learn.model.layer1.conv[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert len(layouts) == 8 + 2 and all(layouts)  # converted once, before the model: no NCHW batch reaches a conv
     amps = [type(c).__name__ for c in learn.cbs if 'Precision' in type(c).__name__ or type(c).__name__ == 'BF16']
     assert amps == ['BF16']  # one mixed-precision callback, not fastai's fp16 one beside it
 
