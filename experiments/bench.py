@@ -8,6 +8,7 @@ from cli import UsageError, torch_device, user_errors  # first: it quiets fastai
 import torch
 import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
+from fastai.callback.core import Callback
 from fastai.torch_core import set_seed
 from fastai.vision.all import CropPad, Flip, ImageDataLoaders, Normalize, RandomCrop, cifar_stats
 
@@ -16,7 +17,7 @@ from data import balanced_subset, resolve_path, scan_folder
 from formats import find_release
 from report import read_csv
 from callbacks import plain_console
-from train import PEAK, cifar_learner, fit_assignment
+from train import PEAK, cifar_learner, fit_assignment, use_cudnn
 
 
 # ---- 1. this suite: experiments/run.py, one process per seed -------------------------------------------------
@@ -33,7 +34,7 @@ def suite(data, seed, epochs, bs, subset, find_iters, device, out, speed=()):
         if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode:
             raise UsageError(f'the suite run for seed {seed} failed; see {out / f"suite-seed{seed}.log"}')
     config = json.loads((folder / 'config.json').read_text())
-    return config, read_csv(folder / 'metrics.csv')[-1], json.loads((folder / 'lr_find.json').read_text())
+    return config, read_csv(folder / 'metrics.csv'), json.loads((folder / 'lr_find.json').read_text())
 
 
 def subset_folder(root, n, dest):
@@ -50,17 +51,27 @@ def subset_folder(root, n, dest):
 
 # ---- 2. stock fastai: per-item PIL decode and crop, batch Flip, fp32, default settings ----------------------
 
+class EpochTimes(Callback):
+    "Each epoch's wall time (training and validation), written to the log as it ends."
+    def __init__(self, log): self.log, self.times = log, []
+    def before_epoch(self): self.start = time.perf_counter()
+
+    def after_epoch(self):
+        self.times.append(time.perf_counter() - self.start)  # the Recorder has read the metrics: the device is done
+        print(f'epoch {self.epoch + 1} seconds {self.times[-1]:.3f}', file=self.log, flush=True)
+
+
 def stock_fastai(data, epochs, bs, lr_min, lr_max, device, log):
-    "The same model and recipe from `ImageDataLoaders.from_folder`; returns (seconds per epoch, final accuracy)."
+    "The same model and recipe from `ImageDataLoaders.from_folder`; returns (each epoch's seconds, final accuracy)."
     dls = ImageDataLoaders.from_folder(data, train='train', valid='test', bs=bs, device=device,
                                        item_tfms=[CropPad(40), RandomCrop(32)],  # pad 4 each side, crop 32
                                        batch_tfms=[Flip(), Normalize.from_stats(*cifar_stats)])
     learn = cifar_learner(dls)
     plain_console(learn)
     learn.logger = lambda row: print(row, file=log, flush=True)
-    start = time.perf_counter()
-    fit_assignment(learn, epochs, lr_min, lr_max)
-    return (time.perf_counter() - start) / epochs, float(learn.recorder.values[-1][-1])
+    timer = EpochTimes(log)
+    fit_assignment(learn, epochs, lr_min, lr_max, cbs=timer)
+    return timer.times, float(learn.recorder.values[-1][-1])
 
 
 # ---- 3. plain PyTorch, as the assignment's notebook: torchvision transforms, DataLoader, OneCycleLR, fp32 ------
@@ -78,7 +89,7 @@ class TVCutout:
 
 
 def plain_pytorch(data, epochs, bs, lr_min, lr_max, device, log, workers=None):
-    "A hand-written loop over torchvision's ImageFolder; returns (seconds per epoch, final accuracy)."
+    "A hand-written loop over torchvision's ImageFolder; returns (each epoch's seconds, final accuracy)."
     from torchvision import datasets, transforms as T
     norm = T.Normalize(*cifar_stats)
     train_tf = T.Compose([T.RandomCrop(32, padding=4, padding_mode='reflect'), T.RandomHorizontalFlip(), T.ToTensor(),
@@ -92,8 +103,9 @@ def plain_pytorch(data, epochs, bs, lr_min, lr_max, device, log, workers=None):
     opt = torch.optim.SGD(model.parameters(), lr=lr_min, momentum=0.9, nesterov=True, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr_max, total_steps=epochs * len(train), pct_start=PEAK,
                                                 div_factor=lr_max / lr_min, final_div_factor=1., cycle_momentum=False)
-    start = time.perf_counter()
+    times = []
     for epoch in range(epochs):
+        start = time.perf_counter()
         model.train()
         for x, y in train:
             x, y = x.to(device), y.to(device)
@@ -101,21 +113,36 @@ def plain_pytorch(data, epochs, bs, lr_min, lr_max, device, log, workers=None):
             opt.zero_grad(); loss.backward(); opt.step(); sched.step()
         model.eval()
         with torch.no_grad(): correct = sum((model(x.to(device)).argmax(1).cpu() == y).sum().item() for x, y in test)
-        acc = correct / len(test.dataset)
-        print(f'epoch {epoch + 1} test_acc {acc:.4f} seconds {time.perf_counter() - start:.1f}', file=log, flush=True)
-    return (time.perf_counter() - start) / epochs, acc
+        acc = correct / len(test.dataset)  # .item() above: the device is done
+        times.append(time.perf_counter() - start)
+        print(f'epoch {epoch + 1} seconds {times[-1]:.3f} test_acc {acc:.4f}', file=log, flush=True)
+    return times, acc
+
+
+def extrapolate(times, epochs):
+    "A baseline's time for `epochs` from the epochs it ran: the first (the warm-up) as measured, each later one at the mean of those after it."
+    steady = statistics.mean(times[1:]) if len(times) > 1 else times[0]
+    return dict(epochs_run=len(times), epoch_seconds=[round(t, 3) for t in times], seconds_per_epoch=steady,
+                warmup_seconds=times[0] - steady if len(times) > 1 else None, seconds=times[0] + steady * (epochs - 1))
+
+
+def warmup(rows):
+    "The suite's warm-up from one run's metrics.csv: its first epoch's seconds beyond the mean of the others."
+    secs = [r['seconds'] for r in rows]
+    return secs[0] - statistics.mean(secs[1:]) if len(secs) > 1 else None
 
 
 # ---- the summary ---------------------------------------------------------------------------------------------
 
 def summarize(device, runs, baselines, epochs):
     "summary.json's content: accuracy per seed, times, throughput and speed-ups."
-    accs = [m['test_acc'] for _, m, _ in runs]
+    accs = [m[-1]['test_acc'] for _, m, _ in runs]
     train = [c['seconds']['train'] for c, _, _ in runs]
     med = statistics.median(train)
     s = dict(device=device, epochs=epochs, seeds=[c['seed'] for c, _, _ in runs], test_acc=accs,
              test_acc_mean=statistics.mean(accs), test_acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.,
-             test_acc_min=min(accs), train_seconds=train, train_seconds_median=med, warmup_seconds=0.,
+             test_acc_min=min(accs), train_seconds=train, train_seconds_median=med,
+             warmup_seconds=[warmup(m) for _, m, _ in runs],
              lr_find_seconds=[c['seconds'].get('lr_find', 0.) for c, _, _ in runs],
              lr_min=[lr['lr_min'] for _, _, lr in runs], lr_max=[lr['lr_max'] for _, _, lr in runs],
              images_per_second=runs[0][0]['n_train'] * epochs / med, baseline_seconds=baselines)
@@ -133,8 +160,9 @@ def render(s):
              f"| training time, median | {s['train_seconds_median']:.1f} s ({s['images_per_second']:,.0f} img/s) |"]
     for name, b in s['baseline_seconds'].items():
         lines.append(f"| {name.replace('_', ' ')} | {b['seconds']:.1f} s"
-                     + (f" (extrapolated from {b['epochs_run']} epoch(s) at {b['seconds_per_epoch']:.1f} s)"
-                        if b['epochs_run'] < s['epochs'] else '') + f"; speed-up {s[f'speedup_vs_{name}']:.1f}× |")
+                     + (f" (extrapolated from {b['epochs_run']} epochs: the first {b['epoch_seconds'][0]:.1f} s, "
+                        f"then {b['seconds_per_epoch']:.1f} s each)" if b['epochs_run'] < s['epochs'] else '')
+                     + f"; speed-up {s[f'speedup_vs_{name}']:.1f}× |")
     return '\n'.join(lines)
 
 
@@ -151,7 +179,8 @@ def update_readme(readme, table):
 def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, else download)
          seeds: int = 5,               # suite runs, with seeds 0..N-1
          epochs: int = 24,             # epochs of every run
-         baseline_epochs: int = None,  # epochs the baselines really run (default: all), the rest extrapolated
+         baseline_epochs: int = None,  # epochs the baselines really run (default: all; at least 2), the rest extrapolated
+         no_baselines: store_true = False,  # the suite runs alone, without the stock fastai and plain PyTorch ones
          bs: int = 512,                # batch size of every run
          subset: int = None,           # class-balanced training subset, for a quick CPU check of the command
          find_iters: int = 100,        # lr_find's mock-training steps in the suite runs
@@ -163,6 +192,9 @@ def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, el
     "Benchmark the suite against a stock fastai pipeline and a plain PyTorch loop, on one device."
     with user_errors('bench.py'):
         if seeds < 1 or epochs < 1: raise UsageError('--seeds and --epochs must be at least 1')
+        b_epochs = min(baseline_epochs or epochs, epochs)
+        if b_epochs < min(2, epochs):  # one epoch cannot tell the warm-up from the steady pace
+            raise UsageError(f'--baseline-epochs must be at least 2, got {baseline_epochs}: the first is the warm-up')
         data, out = resolve_path(data), Path(out)
         if release := find_release(data):  # checked first: the suite runs would take minutes before the baselines fail
             raise UsageError(f'--data {data} is the CIFAR-10 {release[0]} release, and the stock fastai and torchvision '
@@ -173,23 +205,24 @@ def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, el
         speed = ['--precision', precision] + (['--channels-last'] if channels_last else [])
         runs = [suite(data, seed, epochs, bs, subset, find_iters, device, out, speed) for seed in range(seeds)]
         lr_min, lr_max = runs[0][2]['lr_min'], runs[0][2]['lr_max']
-        b_epochs = min(baseline_epochs or epochs, epochs)
         base_data = data
-        if subset:
+        if subset and not no_baselines:
             base_data = out / 'subset-data'
             if base_data.exists(): shutil.rmtree(base_data)
             subset_folder(data, subset, base_data)
         baselines = {}
-        for key, fn in (('stock_fastai', stock_fastai), ('plain_pytorch', plain_pytorch)):
-            set_seed(0, reproducible=True)
+        for key, fn in () if no_baselines else (('stock_fastai', stock_fastai), ('plain_pytorch', plain_pytorch)):
+            # The suite's cuDNN settings (run.py's default: benchmark search on), not set_seed's reproducible mode,
+            # which would turn the search off for the baselines alone.
+            set_seed(0)
+            use_cudnn(deterministic=False)
             with open(out / f'{key}.log', 'w') as log:
                 print(f'{key}: {b_epochs} epoch(s) of {epochs} at LRMIN {lr_min:.3g}, LRMAX {lr_max:.3g}', file=log, flush=True)
-                per_epoch, acc = fn(base_data, b_epochs, bs, lr_min, lr_max, dev, log)
-            baselines[key] = dict(epochs_run=b_epochs, seconds_per_epoch=per_epoch, seconds=per_epoch * epochs,
-                                  test_acc_after_epochs_run=acc)
+                times, acc = fn(base_data, b_epochs, bs, lr_min, lr_max, dev, log)
+            baselines[key] = dict(extrapolate(times, epochs), test_acc_after_epochs_run=acc)
         summary = summarize(name, runs, baselines, epochs)
         summary.update(subset=subset, precision=precision, channels_last=channels_last)
-        if subset: shutil.rmtree(base_data)
+        if base_data != data: shutil.rmtree(base_data)
         (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
         table = render(summary)
         (out / 'README.md').write_text(f'# Benchmark on {name}\n\n`{" ".join(sys.argv)}`\n\n{table}\n')
