@@ -1,11 +1,11 @@
 """One-line errors for the command-line tools: a user's mistake exits with a message, never a traceback."""
-import sys, warnings
+import os, signal, sys, threading, warnings
 from contextlib import contextmanager
 
 import torch
 from fastai.torch_core import default_device
 
-__all__ = ['UsageError', 'RunError', 'user_errors', 'torch_device']
+__all__ = ['UsageError', 'RunError', 'Interrupted', 'user_errors', 'on_interrupt', 'torch_device']
 
 # fastai's import (fastai.layers and everything above it) calls `torch.jit.script`, which torch 2.14 deprecates with
 # a FutureWarning printed at every command's start. Not ours to fix: every entry point imports this module before
@@ -21,13 +21,41 @@ class RunError(Exception):
     "A run that could not go on (it diverged, say); the tools print it on one line and exit 1."
 
 
+class Interrupted(Exception):
+    "A Ctrl-C, with what it stopped, what is kept and how to go on; the tools print it on one line and exit 130."
+
+
+@contextmanager
+def on_interrupt(say):
+    "Turn a Ctrl-C inside the block into `Interrupted(say())`; `say` may tidy up before it describes what is kept."
+    try: yield
+    except KeyboardInterrupt: raise Interrupted(say()) from None
+
+
 @contextmanager
 def user_errors(prog):
-    "Turn `UsageError` into `prog: error: …` and exit status 2, as argparse does for bad flags; `RunError` exits 1."
+    "`UsageError` as `prog: error: …` and exit 2, as argparse does; `RunError` exits 1; a Ctrl-C is one line and 130."
+    # The first Ctrl-C raises KeyboardInterrupt where the program is, so that it can say what it stopped and keep
+    # what is done; a second one, while it does so, ends the process at once.
+    def again(signum, frame):
+        os.write(2, f'{prog}: interrupted again; stopped at once\n'.encode())
+        os._exit(130)
+
+    def first(signum, frame):
+        signal.signal(signal.SIGINT, again)
+        raise KeyboardInterrupt
+
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set handlers
+    if main: previous = signal.signal(signal.SIGINT, first)
     try: yield
     except (UsageError, RunError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr, flush=True)
         raise SystemExit(2 if isinstance(e, UsageError) else 1) from None
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(f'{prog}: {e or "interrupted"}', file=sys.stderr, flush=True)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
+    finally:
+        if main: signal.signal(signal.SIGINT, previous)
 
 
 def torch_device(name=None):

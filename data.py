@@ -1,5 +1,5 @@
 """CIFAR-10 as fastai `DataLoaders`: read a release or decode images once; gather and augment whole batches on the device."""
-import hashlib, multiprocessing as mp, os, random, tempfile
+import hashlib, multiprocessing as mp, os, random, signal, tempfile
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -102,7 +102,9 @@ def _decode_all(files, bad, workers=None):
     else:
         ctx = mp.get_context('fork') if 'fork' in mp.get_all_start_methods() else None
         step = -(-len(files) // (4 * workers))  # four chunks a worker, in order, so a slow chunk holds up little
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        # The workers leave Ctrl-C to the main process, which says what it stopped (no traceback from each worker).
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=signal.signal,
+                                 initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             parts = list(pool.map(_decode_some, [files[i:i + step] for i in range(0, len(files), step)]))
     for _, b in parts: bad += b
     return np.concatenate([o for o, _ in parts])

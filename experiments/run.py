@@ -1,5 +1,5 @@
 """Train the assignment's custom ResNet on CIFAR-10: lr_find → LRMIN, LRMAX → 24-epoch one-cycle → a run folder."""
-import json, os, platform, random, subprocess, sys, time
+import json, os, platform, random, shutil, subprocess, sys, time
 from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +13,7 @@ from fastcore.script import call_parse, store_true
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 from arch import write_summary
-from cli import RunError, UsageError, torch_device, user_errors
+from cli import RunError, UsageError, on_interrupt, torch_device, user_errors
 from data import cifar_dls
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
@@ -103,7 +103,8 @@ def run(s):
     use_cudnn(s.deterministic)
     t = time.perf_counter()
     # --bs is the global batch: each of `world` processes takes its share of every batch.
-    dls = cifar_dls(s.data, bs=s.bs // world, subset=s.subset, device=dev, seed=s.seed, verbose=main)
+    with on_interrupt(lambda: 'interrupted while loading the data; nothing was saved'):
+        dls = cifar_dls(s.data, bs=s.bs // world, subset=s.subset, device=dev, seed=s.seed, verbose=main)
     config = dict(asdict(s), out=str(out), classes=list(dls.vocab), device=str(dev), processes=world,
                   device_name=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu',
                   versions=dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
@@ -112,6 +113,7 @@ def run(s):
                   started=datetime.now().isoformat(timespec='seconds'),
                   n_train=len(dls.train_ds), n_test=len(dls.valid_ds), seconds=dict(data=round(time.perf_counter() - t, 2)))
     if main:
+        made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data leaves nothing behind
         save_json(out / 'config.json', config)
     learn = make_learner(dls, out, s)
@@ -120,12 +122,39 @@ def run(s):
     if world > 1 and s.lr_max is None:  # every process runs the finder alone, at the global batch size
         finder = make_learner(cifar_dls(s.data, bs=s.bs, subset=s.subset, device=dev, seed=s.seed, verbose=False),
                               out, s, model=learn.model)
-    lr = choose_lrs(finder, s, config, out, main)
-    with distributed(learn):
-        lr = broadcast(lr)  # rank 0's choice everywhere, whatever tiny differences the processes' finders had
-        fit_run(learn, s.epochs, config, lr, out, main)
-    if main:
-        with single_process(): return finish(learn, config, lr, out, t_start)
+    with on_interrupt(lambda: discard(out, made) if main else 'interrupted during lr_find'):
+        lr = choose_lrs(finder, s, config, out, main)
+    with on_interrupt(lambda: how_to_continue(out, s.epochs) if main else 'interrupted'):
+        with distributed(learn):
+            lr = broadcast(lr)  # rank 0's choice everywhere, whatever tiny differences the processes' finders had
+            fit_run(learn, s.epochs, config, lr, out, main)
+        if main:
+            with single_process(): return finish(learn, config, lr, out, t_start)
+
+
+def discard(out, made):
+    "After a Ctrl-C in lr_find: a run folder with nothing to resume goes (one the user made is emptied), and says so."
+    if made: shutil.rmtree(out, ignore_errors=True)
+    else:
+        for p in out.iterdir(): shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return f'interrupted during lr_find; there is nothing to resume, so {out} was {"removed" if made else "emptied"}'
+
+
+def how_to_continue(out, epochs):
+    "After a Ctrl-C in training: what is kept, and the command that continues the run."
+    ck = out / 'checkpoint.pth'
+    if (out / 'model.pth').exists(): return f'interrupted after the run had finished; everything is in {out}'
+    done = torch.load(ck, map_location='cpu', weights_only=False)['epoch'] if ck.exists() else 0
+    if done == epochs: kept = f'interrupted while writing the figures; all {epochs} epochs are saved in {ck}'
+    elif done: kept = f'interrupted during epoch {done + 1} of {epochs}; epochs 1-{done} are saved in {ck}'
+    else: kept = f'interrupted during epoch 1 of {epochs}, before any epoch was saved; the LRs are in {out / "lr_find.json"}'
+    return f'{kept}; continue with: python experiments/run.py --resume {_shown(out)}'
+
+
+def _shown(path):
+    "`path` as the user can type it from here: relative to the working folder when it lies inside it."
+    rel = os.path.relpath(path)
+    return rel if not rel.startswith('..') else str(path)
 
 
 def resume_run(folder, device=None):
@@ -134,8 +163,8 @@ def resume_run(folder, device=None):
     if not folder.is_dir(): raise UsageError(f'--resume {folder}: no such run folder')
     if not (folder / 'config.json').exists(): raise UsageError(f'--resume {folder}: not a run folder (no config.json)')
     if (folder / 'model.pth').exists(): raise UsageError(f'--resume {folder}: that run has already finished')
-    if not (folder / 'checkpoint.pth').exists():
-        raise UsageError(f'--resume {folder}: no checkpoint, the run stopped before its first epoch ended; start it again')
+    if not (folder / 'checkpoint.pth').exists() and not (folder / 'lr_find.json').exists():
+        raise UsageError(f'--resume {folder}: the run stopped before its LRs were chosen, so there is nothing to resume; start it again')
     t_start, world, main = time.perf_counter(), max(num_distrib(), 1), rank_distrib() == 0
     config = json.loads((folder / 'config.json').read_text())
     if world != config.get('processes', 1):
@@ -145,17 +174,23 @@ def resume_run(folder, device=None):
         raise UsageError(f'--resume {folder}: the run trained on {config["device"]}, and this machine has no CUDA GPU; '
                          'add --device cpu to continue it here')
     dev = pick_device(device if device is not None or world > 1 else config['device'])
-    use_cudnn(s.deterministic)  # the random streams come from the checkpoint
+    # Seeded as run() seeds: a run stopped before its first checkpoint starts again exactly as it first did (the
+    # finder rewinds every random stream, so skipping it changes nothing); a checkpoint's own streams replace these.
+    set_seed(s.seed, reproducible=s.deterministic)
+    use_cudnn(s.deterministic)
     dls = cifar_dls(s.data, bs=s.bs // world, subset=s.subset, device=dev, seed=s.seed, verbose=main)
     learn = make_learner(dls, folder, s)
-    state = load_checkpoint(learn, folder / 'checkpoint.pth')
+    ck = folder / 'checkpoint.pth'
+    state = load_checkpoint(learn, ck) if ck.exists() else None
+    done = state['epoch'] if state else 0
     if main:
-        truncate_logs(folder, state['epoch'], len(dls.train))
-        print(f'resuming {folder} after epoch {state["epoch"]} of {config["epochs"]}', flush=True)
-        config.setdefault('resumed', []).append(dict(after_epoch=state['epoch'], at=datetime.now().isoformat(timespec='seconds')))
-    with distributed(learn): fit_run(learn, s.epochs, config, lr, folder, main, resumed=state)
-    if main:
-        with single_process(): return finish(learn, config, lr, folder, t_start)
+        truncate_logs(folder, done, len(dls.train))
+        print(f'resuming {folder} after epoch {done} of {config["epochs"]}', flush=True)
+        config.setdefault('resumed', []).append(dict(after_epoch=done, at=datetime.now().isoformat(timespec='seconds')))
+    with on_interrupt(lambda: how_to_continue(folder, s.epochs) if main else 'interrupted'):
+        with distributed(learn): fit_run(learn, s.epochs, config, lr, folder, main, resumed=state)
+        if main:
+            with single_process(): return finish(learn, config, lr, folder, t_start)
 
 
 def make_learner(dls, out, s, model=None):
@@ -201,13 +236,14 @@ def fit_run(learn, epochs, config, lr, out, main=True, resumed=None):
 
 
 def finish(learn, config, lr, out, t_start):
-    "Rank 0, after training: the model, the figures, config.json and report.md."
-    torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
-    (out / 'checkpoint.pth').unlink()  # the run is complete: model.pth holds the weights
+    "Rank 0, after training: the figures, config.json and report.md, then the model."
     pairs = explain(learn, config, lr, out)
     config['seconds']['total'] = round(time.perf_counter() - t_start, 2)  # of this process, when resumed
     save_json(out / 'config.json', config)
     write_report(out, config, lr, [mistakes_section(pairs)])
+    # Last, since model.pth marks a finished run: stopped before it, --resume draws the figures again.
+    torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
+    (out / 'checkpoint.pth').unlink(missing_ok=True)  # model.pth holds the weights now
     last = read_csv(out / 'metrics.csv')[-1]
     print(f'test accuracy {100 * last["test_acc"]:.2f}% after {config["epochs"]} epochs; run folder {out}')
     return out

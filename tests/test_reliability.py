@@ -1,5 +1,5 @@
 """A killed run resumes exactly, the same seed gives the same run, a diverging run stops with a message, bad input is named."""
-import csv, json, signal, subprocess, sys, time
+import csv, json, signal, subprocess, sys, threading, time
 
 import pytest
 import torch
@@ -60,6 +60,53 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(data, uninterrupted, tm
     assert got == want  # the same LRs, losses and accuracies as a run that was never killed
     assert rows(out / 'schedule.csv') == rows(uninterrupted / 'schedule.csv')
     assert (out / 'model.pth').exists() and not (out / 'checkpoint.pth').exists()
+
+
+def interrupted(cmd, ready, timeout=300):
+    "Run `cmd` (run.py's flags), send it a real SIGINT once `ready(stdout lines so far)` holds; (exit status, stderr)."
+    p = subprocess.Popen([sys.executable, 'experiments/run.py', *map(str, cmd)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    lines, deadline = [], time.time() + timeout
+    reader = threading.Thread(target=lambda: lines.extend(iter(p.stdout.readline, '')), daemon=True)
+    reader.start()
+    while not ready(lines) and time.time() < deadline and p.poll() is None: time.sleep(0.02)
+    p.send_signal(signal.SIGINT)
+    err = p.stderr.read()
+    p.wait(timeout=120)
+    return p.returncode, err
+
+
+def test_ctrl_c_in_training_says_how_to_continue_and_resume_finishes(data, uninterrupted, tmp_path):
+    out = tmp_path / 'run'
+    code, err = interrupted(['--data', data, *FLAGS, '--out', out], lambda _: (out / 'checkpoint.pth').exists())
+    assert code == 130 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
+    done = torch.load(out / 'checkpoint.pth', weights_only=False)['epoch']
+    assert 1 <= done < 4 and f'interrupted during epoch {done + 1} of 4; epochs 1-{done} are saved in' in err
+    assert err.strip().endswith(f'continue with: python experiments/run.py --resume {out}')
+    r = run_script('experiments/run.py', '--resume', out)
+    assert r.returncode == 0, r.stderr
+    assert rows(out / 'metrics.csv') == rows(uninterrupted / 'metrics.csv')  # every epoch once, as if never stopped
+
+
+def test_ctrl_c_in_the_first_epoch_resumes_from_the_start(data, tmp_path):
+    "Stopped before any checkpoint: the finder's LRs are kept, and --resume trains all epochs, each logged once."
+    out = tmp_path / 'run'
+    flags = ['--data', data, '--epochs', 2, '--bs', 5, '--lr-min', 0.01, '--lr-max', 0.1, '--device', 'cpu', '--out', out]
+    code, err = interrupted(flags, lambda lines: any(l.startswith('ETA:') for l in lines))  # after 5 of 12 batches
+    assert code == 130 and 'interrupted during epoch 1 of 2, before any epoch was saved' in err, err
+    assert not (out / 'checkpoint.pth').exists() and (out / 'lr_find.json').exists()
+    r = run_script('experiments/run.py', '--resume', out)
+    assert r.returncode == 0, r.stderr
+    assert [g['epoch'] for g in rows(out / 'metrics.csv')] == ['1', '2'] and (out / 'model.pth').exists()
+
+
+def test_ctrl_c_in_lr_find_leaves_no_run_folder(data, tmp_path):
+    out = tmp_path / 'run'
+    flags = ['--data', data, '--epochs', 2, '--bs', 5, '--find-iters', 400, '--device', 'cpu', '--out', out]
+    code, err = interrupted(flags, lambda lines: any(l.startswith('lr_find:') for l in lines))
+    assert code == 130 and len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
+    assert f'interrupted during lr_find; there is nothing to resume, so {out} was removed' in err
+    assert not out.exists()
 
 
 def test_a_gpu_run_resumes_on_another_device(data, tmp_path, capsys):
