@@ -38,6 +38,7 @@ class Settings:
     precision: str = 'fp32'
     channels_last: bool = False
     deterministic: bool = False
+    tensorboard: bool = False
 
     def check(self):
         "Reject impossible settings before anything is created."
@@ -53,6 +54,9 @@ class Settings:
             if lr is not None and not lr > 0: raise UsageError(f'{name} must be positive, got {lr}')
         if self.lr_min is not None and self.lr_min >= self.lr_max:
             raise UsageError(f'--lr-min ({self.lr_min}) must be below --lr-max ({self.lr_max})')
+        if self.tensorboard:
+            try: import tensorboard_log  # noqa: F401
+            except ImportError: raise UsageError("--tensorboard needs TensorBoard: pip install -e '.[tensorboard]'") from None
         return self
 
     @classmethod
@@ -223,6 +227,9 @@ def fit_run(learn, epochs, config, lr, out, main=True, resumed=None):
     if main:
         cbs += [RunLog(out), Checkpoint(out / 'checkpoint.pth', resumed, lr=lr)]
         if learn.dls.device.type == 'cpu': cbs.append(ETA())
+        if config.get('tensorboard'):
+            from tensorboard_log import SUBDIR, TensorBoardLog
+            cbs.append(TensorBoardLog(out / SUBDIR))
         # Training time is this fit's wall time, plus the logged epochs before it when resuming.
         prior = sum(r['seconds'] for r in read_csv(out / 'metrics.csv')) if start_epoch else 0.
     t = time.perf_counter()
@@ -241,6 +248,9 @@ def finish(learn, config, lr, out, t_start):
     config['seconds']['total'] = round(time.perf_counter() - t_start, 2)  # of this process, when resumed
     save_json(out / 'config.json', config)
     write_report(out, config, lr, [mistakes_section(pairs)])
+    if config.get('tensorboard'):
+        from tensorboard_log import log_figures
+        log_figures(out)
     # Last, since model.pth marks a finished run: stopped before it, --resume draws the figures again.
     torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
     (out / 'checkpoint.pth').unlink(missing_ok=True)  # model.pth holds the weights now
@@ -290,10 +300,11 @@ def main(epochs: int = 24,       # training epochs; the LR peaks after 5/24 of t
          precision: str = 'fp32',  # fp32, or bf16 autocast (on a GPU: faster, with loss and weights in fp32)
          channels_last: store_true = False,  # channels-last memory layout (on a GPU: faster convolutions)
          deterministic: store_true = False,  # repeatable GPU runs: fixed cuDNN algorithms, no benchmark search
+         tensorboard: store_true = False,  # also log to runs/<stamp>/tensorboard: watch with `tensorboard --logdir runs`
          resume: str = None,     # a killed run's folder: continue it from its last finished epoch (with --device: there)
          ):
     "Train the custom ResNet on CIFAR-10 with lr_find and the assignment's one-cycle, and explain it in a run folder."
     with user_errors('run.py'):
         if resume: return resume_run(resume, device)  # --device moves a run to another device, e.g. a GPU run to a CPU
         return run(Settings(epochs, bs, data, out, seed, subset, lr_min, lr_max, device, find_iters, precision,
-                            channels_last, deterministic))
+                            channels_last, deterministic, tensorboard))

@@ -84,3 +84,23 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(tiny, tmp_path, capsys,
     code, err = run_here(capsys, 'experiments/run.py', *data, *args, '--out', out)
     assert code == 2 and err.strip().splitlines() == [f'run.py: error: {err.strip().split("error: ", 1)[1]}']
     assert message in err and not out.exists()
+
+
+def test_tensorboard_logs_steps_epochs_and_figures(tiny, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / 'run'
+    r = run_script('experiments/run.py', '--data', tiny, '--epochs', 2, '--bs', 20, '--out', out, '--find-iters', 12,
+                   '--seed', 0, '--tensorboard')
+    assert r.returncode == 0, r.stderr
+    events = EventAccumulator(str(out / 'tensorboard'), size_guidance={'scalars': 0, 'images': 0}).Reload()
+    with open(out / 'schedule.csv') as fh: sched = list(csv.DictReader(fh))
+    lrs = events.Scalars('step/lr')
+    assert [e.step for e in lrs] == [int(s['step']) + 1 for s in sched]  # every training step, counted from 1
+    assert [e.value for e in lrs] == pytest.approx([float(s['lr']) for s in sched], rel=1e-6)
+    assert len(events.Scalars('step/train_loss_smoothed')) == len(sched)
+    with open(out / 'metrics.csv') as fh: metrics = list(csv.DictReader(fh))
+    for name in ('train_loss', 'train_acc', 'test_loss', 'test_acc'):
+        got = events.Scalars(f'epoch/{name}')
+        assert [e.step for e in got] == [1, 2]
+        assert [e.value for e in got] == pytest.approx([float(m[name]) for m in metrics], rel=1e-5)
+    assert {'figures/lr_find', 'figures/confusion', 'figures/misclassified'} <= set(events.Tags()['images'])
