@@ -27,6 +27,16 @@ def stock_dls(path, bs, device):
                                        batch_tfms=[Flip(), Normalize.from_stats(*cifar_stats)], device=device)
 
 
+def compare(path, bs=512, device='cpu', rounds=3, ours_batches=10, stock_batches=4):
+    "Both loaders timed in turn, `rounds` times, best of each: a burst of load from elsewhere hits both sides alike."
+    # Interleaved and best-of: on a shared machine one slow measurement of either side would swing a single ratio.
+    ours, stock = cifar_dls(path, bs=bs, device=device, seed=0, verbose=False).train, stock_dls(path, bs, device).train
+    times = [(images_per_second(ours, ours_batches), images_per_second(stock, stock_batches)) for _ in range(rounds)]
+    best_ours, best_stock = max(o for o, _ in times), max(s for _, s in times)
+    return dict(ours_images_per_second=round(best_ours), stock_images_per_second=round(best_stock),
+                speedup=round(best_ours / best_stock, 1), rounds=[(round(o), round(s)) for o, s in times])
+
+
 @call_parse
 def main(data: str = None,     # CIFAR folder with train/ and test/ (default: $CIFAR10_DIR, else download)
          bs: int = 512,        # batch size, as in training
