@@ -26,8 +26,8 @@ if [ ! -d "$DATA/train" ] || [ ! -d "$DATA/test" ]; then
 fi
 if [ "${REHEARSE:-0}" = 1 ]; then  # 200 images, 1 epoch, 2 seeds, on the CPU: minutes, not hours
   : "${SEEDS:=2}" "${BASELINE_EPOCHS:=1}" "${BUDGET:=3000}" "${BF16_BASELINES:=--baseline-epochs 1}"
-  : "${BENCH_FLAGS:=--subset 200 --epochs 1 --bs 100 --find-iters 6 --device cpu}"
-  : "${PROFILE_FLAGS:=--subset 200 --bs 100 --device cpu}"
+  : "${BENCH_FLAGS:=--subset 200 --epochs 1 --bs 20 --find-iters 20 --device cpu}"
+  : "${PROFILE_FLAGS:=--subset 200 --bs 20 --device cpu}"
   : "${T_DECODE:=300}" "${T_TESTS:=300}" "${T_FP32:=1200}" "${T_BF16:=1200}" "${T_PROFILE:=300}"
   : "${RESULTS:=results/gpu-rehearsal}"
 fi

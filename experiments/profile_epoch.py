@@ -118,6 +118,10 @@ def report(s):
             lines.append(f"  {label:16} {name:5} {p['batches']:4} batches  host {p['host_ms']:7.2f}  "
                          f"wall {p['wall_ms']:7.2f}  device {dev}")
         lines.append(f"  {label:16} epoch wall {ph['epoch_wall_s']:.2f} s")
+    train = s['profiled']['phases']['train']
+    if train['device_ms'] is not None:
+        lines.append(f"training: the device was busy {100 * train['device_ms'] / train['wall_ms']:.0f}% of the wall time "
+                     '(near 100%: the GPU sets the pace; far below: the host, Python and fastai, does)')
     return '\n'.join(lines)
 
 
