@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-__all__ = ['receptive_field', 'rf_table', 'covers']
+__all__ = ['receptive_field', 'block_fields', 'rf_table', 'covers']
 
 # Layers that look at a window of their input; everything else that keeps the map's size (BN, ReLU, Dropout)
 # leaves the field as it is. Adaptive pools are windows too, when their output size divides the input's.
@@ -85,7 +85,17 @@ def _tensors(tree):
 
 def receptive_field(model, input_size=(3, 32, 32)):
     "Per leaf layer in forward order (named as `arch.model_summary` names it): its theoretical receptive field."
-    rows = []
+    return _trace(model, input_size)[0]
+
+
+def block_fields(model, names, input_size=(3, 32, 32)):
+    "The theoretical field of the output of each named submodule (a block ending in a residual add, say)."
+    return _trace(model, input_size, names)[1]
+
+
+def _trace(model, input_size, names=()):
+    "One forward pass of zeros that carries the fields: a row per leaf layer, and a row per named module's output."
+    rows, named = [], {}
     def hook(m, inp, out):
         x = next(t for t in _tensors(inp) if hasattr(t, '_fields'))
         if x._fields is None: raise ValueError(f'an op that is not a module resized the map before {type(m).__name__}; '
@@ -102,7 +112,10 @@ def receptive_field(model, input_size=(3, 32, 32)):
         out._fields = fields
         size = list(out.shape[-2:]) if out.dim() == 4 else [1, 1]
         rows.append(dict(layer=f'{type(m).__name__}-{len(rows) + 1}', **_row(fields, size)))
+    def keep(name):  # runs after the leaves inside the module, and after its own ops (an add) have set the field
+        return lambda m, inp, out: named.__setitem__(name, dict(layer=name, **_row(out._fields, out.shape[-2:])))
     hooks = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    hooks += [model.get_submodule(n).register_forward_hook(keep(n)) for n in names]
     was_training = model.training
     try:
         model.eval()
@@ -113,7 +126,7 @@ def receptive_field(model, input_size=(3, 32, 32)):
     finally:
         for h in hooks: h.remove()
         model.train(was_training)
-    return rows
+    return rows, named
 
 
 def _row(fields, size):
