@@ -109,7 +109,8 @@ def rf_section(result, table):
              f"central unit, summed over channels, with respect to the input, over {result['n_images']} test images; "
              f"at initialisation, {result['init']}. A radius r is the half-side of the smallest square around the "
              f"unit's field centre that holds that share of the gradient mass (the theoretical field's is (RF − 1)/2). "
-             f"Measured in {result['seconds']:.1f} s on {result['device']}.", '',
+             f"Measured in {result['seconds']:.1f} s ({result['cpu_seconds']:.1f} s of CPU time, {result['torch_threads']} "
+             f"threads) on {result['device']}.", '',
              '![receptive_field](receptive_field.png)', '',
              '| block | RF | RF radius | init r50 | init r90 | trained r50 | trained r90 |', '|---|---|---|---|---|---|---|']
     lines += [f"| {b} | {f['rf']} | {f['rf_radius']:g} | {f['init']['r50']:g} | {f['init']['r90']:g} | "
