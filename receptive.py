@@ -70,12 +70,13 @@ class _Fields(TorchFunctionMode):
             elif out.dim() < big.dim():
                 out._fields = [_union([t._fields[a] for t in ins]).whole(n) for a, n in enumerate(big.shape[-2:])]
             # One that resizes the map is a window layer's own op (its hook then sets the field), or unknown.
-            elif out.shape[-2:] != big.shape[-2:]: out._fields = None
+            elif big.dim() == 4 and out.shape[-2:] != big.shape[-2:]: out._fields = None
             else: out._fields = [_union([t._fields[a] for t in ins]) for a in range(2)]
         return out
 
 
 def _tensors(tree):
+    "Every tensor in nested args and kwargs."
     if isinstance(tree, torch.Tensor): yield tree
     elif isinstance(tree, (list, tuple)):
         for t in tree: yield from _tensors(t)
