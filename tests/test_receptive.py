@@ -150,3 +150,11 @@ def test_table_says_where_the_field_covers_the_image(tmp_path):
     assert rf_table(rows) in text and text.index('Estimated Total Size') < text.index('Jump')
     assert 'it first covers the whole input at Conv2d-22' in text
     assert '    MaxPool2d-28             1     32     88         15.5' in text
+
+
+def test_ops_after_the_flatten_keep_the_whole_field():
+    class Head(nn.Module):  # a functional Linear outside any module, then a leaf layer after it
+        def __init__(self): super().__init__(); self.w, self.act = nn.Parameter(torch.ones(3, 8)), nn.ReLU()
+        def forward(self, x): return self.act(F.linear(x.flatten(1), self.w))
+    rows = receptive_field(nn.Sequential(nn.Conv2d(2, 2, 3), Head()), (2, 4, 4))
+    assert [(r['layer'], r['rf'], r['start']) for r in rows] == [('Conv2d-1', 3, 1), ('ReLU-2', 4, 1.5)]
