@@ -39,7 +39,7 @@ class TensorBoardLog(TensorBoardCallback):
         self.writer.flush()
 
 
-def log_figures(folder, names=('lr_find', 'schedule', 'curves', 'confusion', 'misclassified')):
+def log_figures(folder, names=('lr_find', 'schedule', 'curves', 'confusion', 'misclassified', 'receptive_field')):
     "Add a finished run's figures (its PNGs) to its TensorBoard log, under `figures/`."
     folder = Path(folder)
     with SummaryWriter(folder / SUBDIR) as w:

@@ -15,6 +15,7 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 from arch import write_summary
 from cli import RunError, UsageError, on_interrupt, torch_device, user_errors
 from data import cifar_dls
+from effective_rf import receptive_fields
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
 from callbacks import ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, truncate_logs
@@ -245,9 +246,12 @@ def fit_run(learn, epochs, config, lr, out, main=True, resumed=None):
 def finish(learn, config, lr, out, t_start):
     "Rank 0, after training: the figures, config.json and report.md, then the model."
     pairs = explain(learn, config, lr, out)
+    t = time.perf_counter()
+    fields = receptive_fields(learn.model, learn.dls.valid, config['seed'], out)  # 256 test images, or all there are
+    config['seconds']['receptive_field'] = round(time.perf_counter() - t, 2)
     config['seconds']['total'] = round(time.perf_counter() - t_start, 2)  # of this process, when resumed
     save_json(out / 'config.json', config)
-    write_report(out, config, lr, [mistakes_section(pairs)])
+    write_report(out, config, lr, [mistakes_section(pairs), fields])
     if config.get('tensorboard'):
         from tensorboard_log import log_figures
         log_figures(out)

@@ -27,7 +27,9 @@ def test_summary_has_29_layer_rows_and_writes_a_file(tmp_path):
     rows = [l for l in model_summary(custom_resnet()).splitlines() if re.match(r'\s+\w+-\d+\s', l)]
     assert len(rows) == 29 and rows[0].split()[0] == 'Conv2d-1' and rows[-1].split()[0] == 'Linear-29'
     f = write_summary(custom_resnet(), tmp_path)
-    assert f.name == 'summary.txt' and f.read_text().rstrip('\n') == EXPECTED
+    # The assignment's table byte for byte, then a blank line and the receptive-field table (tests/test_receptive.py).
+    assert f.name == 'summary.txt' and f.read_text().startswith(EXPECTED + '\n\n' + '-' * 64 + '\n')
+    assert 'Layer (type)   Output size   Jump' in f.read_text()
 
 
 def test_parameter_count_and_no_biases():

@@ -10,7 +10,8 @@ from conftest import run_here, run_script
 from lrfind import from_curve
 
 FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
-         'summary.txt', 'config.json', 'report.md', 'misclassified.png', 'confusion.png']
+         'summary.txt', 'config.json', 'report.md', 'misclassified.png', 'confusion.png', 'receptive_field.png',
+         'receptive_field.json']
 
 
 def check_run_folder(out, epochs, finder=True):
@@ -38,6 +39,11 @@ def check_run_folder(out, epochs, finder=True):
     report = (out / 'report.md').read_text()
     assert all(f'({p.name})' in report for p in out.glob('*.png'))
     assert 'Total params: 6,573,120' in (out / 'summary.txt').read_text()
+    assert 'it first covers the whole input at Conv2d-22' in (out / 'summary.txt').read_text()
+    assert '## Receptive fields' in report and '    MaxPool2d-28             1     32     88' in report
+    fields = json.loads((out / 'receptive_field.json').read_text())
+    assert fields['n_images'] == min(256, config['n_test']) and list(fields['blocks']) == ['prep', 'layer1', 'layer2', 'layer3']
+    assert 'receptive_field' in config['seconds']
     return rows, config
 
 
