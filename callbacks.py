@@ -6,6 +6,7 @@ import torch
 from fastai.callback.core import Callback
 from fastai.callback.progress import ProgressCallback
 from fastai.learner import Recorder
+from fastai.torch_core import find_bs
 from fastcore.basics import noop
 
 from cli import RunError
@@ -16,26 +17,32 @@ __all__ = ['RunLog', 'ETA', 'plain_console', 'Diverged', 'StopOnDivergence', 'Ch
 
 
 class RunLog(Callback):
-    "Appends metrics.csv (an epoch a row) and schedule.csv (a step a row) as training goes, and adds LR to fastai's table."
+    "Appends metrics.csv (an epoch a row) and schedule.csv (a step a row) as training goes; adds LR and the mean loss to fastai's table."
     order = Recorder.order + 1  # after the Recorder has filled its log for the epoch
-    METRICS = ('epoch', 'lr', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds')
+    # train_loss is fastai's: the smoothed loss at the epoch's end (an exponential average over the last ~50 steps,
+    # at the end of the epoch's training). train_loss_mean is the mean over the epoch's steps, the same kind of number
+    # as test_loss, so the two can be compared on one curve.
+    METRICS = ('epoch', 'lr', 'train_loss', 'train_loss_mean', 'train_acc', 'test_loss', 'test_acc', 'seconds')
 
     def __init__(self, folder): self.folder = Path(folder)
 
     def before_fit(self):
         self.recorder.metric_names.insert(1, 'lr')
+        self.recorder.metric_names.insert(3, 'train_loss_mean')
         self.rows, self.muted = [], None
 
     def after_cancel_epoch(self):
         # An epoch fastai skips on resume (`start_epoch`): keep the Recorder's empty row off the console.
         self.muted, self.learn.logger = self.learn.logger, noop
 
-    def before_epoch(self): self.start, self.rows = time.perf_counter(), []
+    def before_epoch(self): self.start, self.rows, self.loss_sum, self.n = time.perf_counter(), [], 0., 0
 
     def after_batch(self):
         if not self.training: return
         step = self.epoch * self.n_iter + self.iter
         self.rows.append((step, round(step / self.n_iter, 6), self.opt.hypers[-1]['lr']))
+        bs = find_bs(self.yb)
+        self.loss_sum, self.n = self.loss_sum + self.loss.detach().float() * bs, self.n + bs  # on the device: no read
 
     def after_validate(self):
         # The row reads like the assignment's log: epochs count from 1, with the LR the epoch started at
@@ -43,6 +50,7 @@ class RunLog(Callback):
         log = self.recorder.log
         log[0] = self.epoch + 1
         log.insert(1, self.rows[0][2] if self.rows else float('nan'))
+        log.insert(3, float(self.loss_sum / self.n) if self.n else float('nan'))  # the epoch's one read of it
 
     def after_epoch(self):
         if self.muted is not None:
@@ -50,7 +58,7 @@ class RunLog(Callback):
             return
         log = self.recorder.log
         self._append('schedule.csv', ('step', 'epoch', 'lr'), self.rows)
-        self._append('metrics.csv', self.METRICS, [(*log[:6], round(time.perf_counter() - self.start, 3))])
+        self._append('metrics.csv', self.METRICS, [(*log[:7], round(time.perf_counter() - self.start, 3))])
 
     def _append(self, name, header, rows):
         f = self.folder / name

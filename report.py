@@ -70,8 +70,13 @@ def plot_curves(rows, path):
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
     ep = [r['epoch'] for r in rows]
+    # Like with like: the epoch's mean training loss against the test set's mean loss (runs before it was logged
+    # have only fastai's smoothed loss, and say so).
+    train_loss = 'train_loss_mean' if 'train_loss_mean' in rows[0] else 'train_loss'
+    ax_loss.plot(ep, [r[train_loss] for r in rows], '-o', ms=3,
+                 label='train (epoch mean)' if train_loss == 'train_loss_mean' else 'train (smoothed)')
+    ax_loss.plot(ep, [r['test_loss'] for r in rows], '-s', ms=3, label='test (mean)')
     for split, style in (('train', '-o'), ('test', '-s')):
-        ax_loss.plot(ep, [r[f'{split}_loss'] for r in rows], style, ms=3, label=split)
         ax_acc.plot(ep, [100 * r[f'{split}_acc'] for r in rows], style, ms=3, label=split)
     ax_loss.set(xlabel='epoch', ylabel='loss', title='loss')
     ax_acc.set(xlabel='epoch', ylabel='accuracy (%)', title='accuracy')

@@ -12,8 +12,8 @@ __all__ = ['SUBDIR', 'EPOCH_SCALARS', 'TensorBoardLog', 'log_figures']
 
 SUBDIR = 'tensorboard'  # inside the run folder, so `tensorboard --logdir runs` shows every run by its folder
 # fastai's Recorder columns → the names metrics.csv gives them
-EPOCH_SCALARS = {'train_loss': 'train_loss', 'train_accuracy': 'train_acc', 'valid_loss': 'test_loss',
-                 'valid_accuracy': 'test_acc'}
+EPOCH_SCALARS = {'train_loss': 'train_loss', 'train_loss_mean': 'train_loss_mean', 'train_accuracy': 'train_acc',
+                 'valid_loss': 'test_loss', 'valid_accuracy': 'test_acc'}
 
 
 class TensorBoardLog(TensorBoardCallback):

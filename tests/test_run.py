@@ -21,7 +21,7 @@ def check_run_folder(out, epochs, finder=True):
         w, h = Image.open(png).size
         assert w >= 200 and h >= 150, png
     with open(out / 'metrics.csv') as fh: rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == ['epoch', 'lr', 'train_loss', 'train_acc', 'test_loss', 'test_acc', 'seconds']
+    assert list(rows[0]) == ['epoch', 'lr', 'train_loss', 'train_loss_mean', 'train_acc', 'test_loss', 'test_acc', 'seconds']
     assert [int(r['epoch']) for r in rows] == list(range(1, epochs + 1))
     lr = json.loads((out / 'lr_find.json').read_text())
     if finder:
@@ -105,7 +105,7 @@ def test_tensorboard_logs_steps_epochs_and_figures(tiny, tmp_path):
     assert [e.value for e in lrs] == pytest.approx([float(s['lr']) for s in sched], rel=1e-6)
     assert len(events.Scalars('step/train_loss_smoothed')) == len(sched)
     with open(out / 'metrics.csv') as fh: metrics = list(csv.DictReader(fh))
-    for name in ('train_loss', 'train_acc', 'test_loss', 'test_acc'):
+    for name in ('train_loss', 'train_loss_mean', 'train_acc', 'test_loss', 'test_acc'):
         got = events.Scalars(f'epoch/{name}')
         assert [e.step for e in got] == [1, 2]
         assert [e.value for e in got] == pytest.approx([float(m[name]) for m in metrics], rel=1e-5)

@@ -100,9 +100,17 @@ def test_the_lean_callbacks_give_fastais_numbers(folder, tmp_path):
     fastai = stock(learner(folder))
     with fastai.no_logging(): fit_assignment(fastai, 2, 0.01, 0.1)
     lean = learner(folder)
-    with lean.no_logging(): fit_assignment(lean, 2, 0.01, 0.1, cbs=[StopOnDivergence(every=8), RunLog(tmp_path)])
-    lean_values = [row[1:] for row in lean.recorder.values]  # RunLog adds the epoch's LR as a first column
+    losses = []  # each training batch's loss and size, for the epoch mean RunLog adds
+    class Losses(Callback):
+        def after_batch(self): losses.append((float(self.loss), len(self.yb[0]))) if self.training else None
+    with lean.no_logging():
+        fit_assignment(lean, 2, 0.01, 0.1, cbs=[StopOnDivergence(every=8), RunLog(tmp_path), Losses()])
+    # RunLog adds two columns to fastai's: the epoch's starting LR, and its mean training loss after the smoothed one
+    lean_values = [[v for i, v in enumerate(row) if i not in (0, 2)] for row in lean.recorder.values]
     assert lean_values == fastai.recorder.values and len(fastai.recorder.values) == 2
+    for epoch, row in enumerate(lean.recorder.values):
+        batch = losses[8 * epoch:8 * epoch + 8]
+        assert row[2] == pytest.approx(sum(l * n for l, n in batch) / sum(n for _, n in batch), rel=1e-6)
     assert [float(v) for v in lean.recorder.losses] == [float(v) for v in fastai.recorder.losses]
 
 
