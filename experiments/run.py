@@ -19,6 +19,7 @@ from interpret import interpret, most_confused, plot_confusion, plot_misclassifi
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
 from callbacks import ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, truncate_logs
 from lrfind import find_lrs
+from predict import export_learner
 from train import PEAK, PRECISIONS, broadcast, cifar_learner, distributed, fit_assignment, single_process
 
 
@@ -209,6 +210,8 @@ def finish(learn, config, lr, out, t_start):
     "Rank 0, after training: the model, the figures, config.json and report.md."
     torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
     (out / 'checkpoint.pth').unlink()  # the run is complete: model.pth holds the weights
+    # fastai's way to share it: `load_learner(out/'export.pkl').predict(image)`, with no training images inside.
+    export_learner(learn.model, list(learn.dls.vocab), out / 'export.pkl', device=learn.dls.device)
     pairs = explain(learn, config, lr, out)
     config['seconds']['total'] = round(time.perf_counter() - t_start, 2)  # of this process, when resumed
     save_json(out / 'config.json', config)
