@@ -1,5 +1,6 @@
 """A web app for a trained run: top-k classes and Grad-CAM of any image, and the test set's mistakes. `python app.py --run DIR`."""
-import os, sys, tempfile
+import os, socket, subprocess, sys, tempfile, time, urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -98,6 +99,31 @@ def offline():
     "Nothing leaves the machine: no Gradio analytics or version check, no Hugging Face Hub calls."
     for var, value in (('GRADIO_ANALYTICS_ENABLED', 'False'), ('HF_HUB_OFFLINE', '1'), ('HF_HUB_DISABLE_TELEMETRY', '1')):
         os.environ.setdefault(var, value)
+
+
+@contextmanager
+def serving(run, port=None, timeout=300, log=None):
+    "Run `python app.py --run run` on 127.0.0.1 (a free port by default) in a subprocess; yields its URL once it answers."
+    if port is None:
+        with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
+    url, out = f'http://127.0.0.1:{port}/', open(log or os.devnull, 'w')
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'app.py'), '--run', str(run), '--port', str(port)],
+                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None: raise RuntimeError(f'app.py exited with status {proc.returncode} (log: {log})')
+            try:
+                with urllib.request.urlopen(url, timeout=5): break
+            except OSError:
+                if time.monotonic() > deadline: raise TimeoutError(f'app.py did not answer at {url} in {timeout} s')
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try: proc.wait(10)
+        except subprocess.TimeoutExpired: proc.kill(); proc.wait()
+        out.close()
 
 
 # Last in the file: when run as a script, `call_parse` calls `main` as soon as it is decorated.
