@@ -79,7 +79,8 @@ def build(st):
                 with gr.Column():
                     files = gr.File(file_count='multiple', file_types=['image'], label='images (one or more)',
                                     elem_id='upload')
-                    gr.Examples([[p] for p in st.examples], inputs=files, label='or a test image', examples_per_page=10)
+                    # One example is one value of `files`: a list of one file.
+                    gr.Examples([[[p]] for p in st.examples], inputs=files, label='or a test image', examples_per_page=10)
                 with gr.Column():
                     label = gr.Label(num_top_classes=len(st.classes), label='prediction (first image)', elem_id='prediction')
                     cams = gr.Gallery(label='Grad-CAM', columns=3, height=360, object_fit='contain', elem_id='cams')

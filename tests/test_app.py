@@ -41,6 +41,7 @@ def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
     "Upload an image and read its label, see its Grad-CAM change with the layer, survive a broken file, see the mistakes."
     from interpret import interpret
     from cams import load_run
+    from data import scan_folder
     from predict import load_model, predict
     odd = tmp_path / 'odd size.png'
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (41, 57, 3), dtype=np.uint8)).save(odd)
@@ -70,6 +71,11 @@ def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
         page.wait_for_function('w => document.querySelector("#prediction [data-testid=label-output-value]")'
                                '?.textContent.trim() === w', arg=want, timeout=60_000)
 
+        page.get_by_role('button', name='03_c2.png').click()  # an example: the first test image of class c2
+        page.wait_for_function('() => document.querySelector("#cams")?.textContent.includes("03_c2.png")', timeout=60_000)
+        third = scan_folder(tiny_run.parent / 'data')[1]['test'][0][4]  # test images sorted by class: c2's first
+        assert page.inner_text('#prediction [data-testid=label-output-value]').strip() == \
+            predict(model, third, classes, k=1)[0].label
         page.get_by_role('tab', name='Misclassified test images').click()
         page.click('#show-mistakes')
         interp = interpret(load_run(tiny_run, device='cpu'))
