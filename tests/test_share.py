@@ -82,15 +82,16 @@ def test_the_exported_dls_holds_no_items_and_the_run_vocab(tiny_run):
 
 # ---- what app.py shows, from the package ----------------------------------------------------------------------
 
-def test_headline_reads_the_run(tiny_run):
+def test_headline_reads_the_run(tmp_path):
+    "The last epoch's test accuracy, the epochs done of those planned, the device: from the run's own files."
     from report import headline
-    config = json.loads((tiny_run / 'config.json').read_text())
-    acc = (tiny_run / 'metrics.csv').read_text().splitlines()[-1].split(',')
-    line = headline(tiny_run)
-    assert line.startswith('test accuracy ') and 'after 1 of 1 epochs on cpu' in line
-    assert f'{config["n_train"]} training and {config["n_test"]} test images' in line
-    header = (tiny_run / 'metrics.csv').read_text().splitlines()[0].split(',')
-    assert f'{100 * float(acc[header.index("test_acc")]):.2f}%' in line
+    (tmp_path / 'config.json').write_text(json.dumps(dict(epochs=24, device='cuda:0', device_name='NVIDIA H100',
+                                                          n_train=50000, n_test=10000)))
+    rows = ['epoch,lr,train_loss,train_acc,test_loss,test_acc,seconds'] + \
+           [f'{e},0.1,1.0,0.5,1.0,{acc},2.0' for e, acc in ((1, 0.5), (2, 0.71234), (3, 0.6))]
+    (tmp_path / 'metrics.csv').write_text('\n'.join(rows) + '\n')
+    assert headline(tmp_path) == ('test accuracy 60.00% after 3 of 24 epochs on cuda:0 (NVIDIA H100); '
+                                  '50000 training and 10000 test images')
 
 
 def test_test_examples_are_the_test_images_one_class_at_a_time(tiny_run, tmp_path):
