@@ -141,8 +141,8 @@ class RGBImage(PILImage):
     "fastai's `PILImage`, made as `predict` reads an image: EXIF rotation applied, any mode to RGB, arrays as `predict` takes them."
     # fastai's own `PILImage.create` neither applies EXIF rotation nor converts a PIL image it is handed (an RGBA
     # image would reach the network with 4 channels), and a bad file would raise PIL's error, not our one line.
-    @classmethod
     # The annotation is what fastai's `test_dl` matches an item against to know where its pipeline starts.
+    @classmethod
     def create(cls, img: Path | str | Image.Image | np.ndarray | torch.Tensor, **kwargs): return cls(_as_pil(img))
 
 
