@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
 from matplotlib.figure import Figure
 
-__all__ = ['gradcam', 'class_cams', 'gradcam_grid']
+__all__ = ['gradcam', 'class_cams', 'gradcam_grid', 'cam_overlay', 'view_cam', 'misclassified_cams', 'find_run', 'run_data',
+           'load_run']
 
 ROOT = Path(__file__).resolve().parent
 
@@ -52,7 +53,7 @@ def gradcam(model, x, layer, target=None):
 
 from arch import BLOCKS  # noqa: E402  (below gradcam, which needs only torch)
 from cli import UsageError, user_errors  # noqa: E402
-from data import cifar_dls  # noqa: E402
+from data import cifar_dls, resolve_path  # noqa: E402
 from interpret import denorm, interpret, top_misclassified  # noqa: E402
 from predict import load_model, network_view, predict, read_image, to_input  # noqa: E402
 from report import save_figure  # noqa: E402
@@ -70,6 +71,14 @@ def find_run(run):
     for f in ('config.json', 'model.pth'):
         if not (run / f).exists(): raise UsageError(f'run folder {run} has no {f}; did its training finish?')
     return run
+
+
+def run_data(run, data=None):
+    "The CIFAR folder with a run's test images: `data`, else the run's own if it is still there, else $CIFAR10_DIR or a download."
+    if data: return data
+    recorded = json.loads((Path(run) / 'config.json').read_text()).get('data')
+    # A run copied to another machine (a Space, say) has lost its folder; fastai's download then gets CIFAR-10.
+    return recorded if recorded and Path(recorded).is_dir() else resolve_path()
 
 
 def load_run(run, data=None, device=None):
@@ -213,6 +222,39 @@ def draw_image(model, view, shown, classes, layer, title, file):
     fig.suptitle(title, fontsize=9)
     try: return save_figure(fig, file)
     except OSError as e: raise UsageError(f'cannot write {file} ({e.strerror or e}); pass --out DIR') from None
+
+
+# ---- pictures for a front end (app.py): arrays, not figures ---------------------------------------------------
+
+def cam_overlay(img, cam=None, opacity=0.45, scale=1):
+    "The H×W×3 uint8 `img` with its Grad-CAM `cam` (H×W in [0, 1]) over it in jet colours at `opacity`, `scale`× larger."
+    from matplotlib import colormaps
+    out = np.asarray(img, dtype=np.float32) / 255
+    if cam is not None and opacity > 0:  # the colours cams.py's figures use (`_overlay`), blended by hand
+        heat = colormaps['jet'](np.clip(np.asarray(cam, dtype=np.float32), 0, 1))[..., :3]
+        out = (1 - opacity) * out + opacity * heat
+    out = np.rint(out * 255).astype(np.uint8)
+    # Enlarged by repeating pixels: a 32×32 image stays a picture of 32×32 pixels, not a browser's blur of one.
+    return out.repeat(scale, 0).repeat(scale, 1)
+
+
+def view_cam(model, view, layer='layer3', target=None):
+    "The Grad-CAM (H×W in [0, 1], numpy) at block `layer` of class index `target` (default: predicted) for one network view."
+    if layer not in BLOCKS: raise UsageError(f'layer {layer!r} is not a block; choose one of {", ".join(BLOCKS)}')
+    return gradcam(model, to_input(view), model.get_submodule(layer), target)[0].cpu().numpy()
+
+
+def misclassified_cams(model, interp, n, layer='layer3'):
+    "The `n` highest-loss misclassified test images as (H×W×3 uint8 image, Grad-CAM of the predicted class, caption)."
+    idx = top_misclassified(interp, n)
+    if not len(idx): return []
+    x = interp[idx][0]  # fastai's Interpretation re-runs just these images through the test pipeline
+    cams = gradcam(model, x, model.get_submodule(layer), interp.decoded[idx].to(x.device)).cpu().numpy()
+    imgs = np.rint(denorm(x) * 255).astype(np.uint8)  # the test image's own pixels: normalizing is undone exactly
+    vocab = interp.vocab
+    return [(img, cam, f'true {vocab[int(interp.targs[i])]}, predicted {vocab[int(interp.decoded[i])]} '
+                       f'({float(interp.preds[i, interp.decoded[i]]):.2f})')
+            for img, cam, i in zip(imgs, cams, idx.tolist())]
 
 
 # Last in the file: when run as a script, `call_parse` calls `main` as soon as it is decorated.

@@ -1,14 +1,18 @@
 """What the trained model gets wrong: fastai's ClassificationInterpretation, the misclassified gallery and the confusion matrix."""
+from pathlib import Path
+
 import numpy as np
 import torch
 from fastai.interpret import ClassificationInterpretation
 import fastai.vision.learner  # noqa: F401  (registers plot_top_losses for image batches; without it, it raises)
 from fastai.vision.core import cifar_stats
+from PIL import Image
 from matplotlib.figure import Figure
 
 from report import save_figure
 
-__all__ = ['interpret', 'top_misclassified', 'denorm', 'most_confused', 'plot_misclassified', 'plot_confusion']
+__all__ = ['interpret', 'top_misclassified', 'denorm', 'most_confused', 'plot_misclassified', 'plot_confusion',
+           'save_test_examples']
 
 
 def interpret(learn, dl=None):
@@ -77,3 +81,19 @@ def plot_confusion(interp, path):
         ax.text(j, i, cm[i, j], ha='center', va='center', fontsize=8, color='white' if cm[i, j] > cm.max() / 2 else 'black')
     fig.colorbar(im, ax=ax, fraction=0.046)
     save_figure(fig, path)
+
+
+def save_test_examples(dl, folder, n=10):
+    "Save `n` images of the test DataLoader `dl` (data.py's `ArrayDL`) as PNGs in `folder`, a class at a time; returns their paths."
+    labels = dl.labels[dl.rows].cpu()
+    firsts = [torch.nonzero(labels == c).flatten().tolist() for c in range(len(dl.vocab))]
+    # The first image of each class, then the second of each, ...: ten examples show all ten CIFAR classes.
+    picks = [f[k] for k in range(max(map(len, firsts), default=0)) for f in firsts if k < len(f)][:n]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for j, i in enumerate(picks):
+        path = folder / f'{j + 1:02d}_{dl.vocab[int(labels[i])]}.png'
+        Image.fromarray(dl.images[dl.rows[i]].cpu().permute(1, 2, 0).numpy()).save(path)  # PNG: the pixels as stored
+        paths.append(path)
+    return paths

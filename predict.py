@@ -6,15 +6,19 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from fastai.vision.core import cifar_stats
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.transforms import IndexSplitter, ItemGetter, Normalize
+from fastai.vision.augment import Resize, ResizeMethod
+from fastai.vision.core import PILImage, cifar_stats
+from fastai.vision.data import ImageBlock
 
 from arch import custom_resnet
 from cli import UsageError, torch_device
 from data import SIZE, DataError, scan_folder  # SIZE: the network's input is SIZE×SIZE, as the data's
-from train import ScaledCrossEntropy
+from train import ScaledCrossEntropy, cifar_learner
 
 __all__ = ['CIFAR10_CLASSES', 'SIZE', 'Prediction', 'read_image', 'network_view', 'to_input', 'preprocess', 'predict',
-           'run_classes', 'load_model']
+           'run_classes', 'load_model', 'RGBImage', 'inference_dls', 'export_learner']
 
 # CIFAR-10's classes in label order, which is also the sorted order of its folders and so of `dls.vocab`.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -129,3 +133,41 @@ def load_model(run, device=None, data=None):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f'{file} is not a custom_resnet state_dict ({reason})') from None
     return model.to(dev).eval(), run_classes(run, model.head.fc.out_features, data)
+
+
+# ---- fastai's way to share a model: learn.export() and load_learner --------------------------------------------
+
+class RGBImage(PILImage):
+    "fastai's `PILImage`, made as `predict` reads an image: EXIF rotation applied, any mode to RGB, arrays as `predict` takes them."
+    # fastai's own `PILImage.create` neither applies EXIF rotation nor converts a PIL image it is handed (an RGBA
+    # image would reach the network with 4 channels), and a bad file would raise PIL's error, not our one line.
+    # The annotation is what fastai's `test_dl` matches an item against to know where its pipeline starts.
+    @classmethod
+    def create(cls, img: Path | str | Image.Image | np.ndarray | torch.Tensor, **kwargs): return cls(_as_pil(img))
+
+
+def inference_dls(classes, device=None):
+    "Item-free fastai `DataLoaders` that take an image to the network's input exactly as `preprocess` does."
+    # The exported learner's `dls`. The training DataLoaders can't be exported as they are: fastai's `export` keeps
+    # their transforms (`new_empty` drops only the items), and data.py's `ArrayDL` and getters hold the whole uint8
+    # dataset, so every training image would be pickled. These hold the steps of `preprocess`, in fastai's own
+    # transforms: RGB (`RGBImage`), squashed to SIZE×SIZE with BICUBIC (`network_view`), then /255 and cifar_stats.
+    dblock = DataBlock(blocks=(ImageBlock(RGBImage), CategoryBlock(vocab=list(classes), sort=False)),
+                       get_x=ItemGetter(0), get_y=ItemGetter(1), splitter=IndexSplitter([]),
+                       item_tfms=Resize(SIZE, ResizeMethod.Squish, resamples=(Image.Resampling.BICUBIC, Image.Resampling.NEAREST)),
+                       batch_tfms=Normalize.from_stats(*cifar_stats, cuda=False))
+    # fastai infers a pipeline's types from its first item, so it is built on one blank image, then emptied.
+    blank = (Image.new('RGB', (SIZE, SIZE)), classes[0])
+    return dblock.dataloaders([blank], bs=1, device=device).new_empty()
+
+
+def export_learner(model, classes, file, device=None):
+    "Write `file` with fastai's `learn.export()`: an fp32 copy of `model` and `inference_dls(classes)`, for `load_learner`."
+    file = Path(file)
+    # A fresh copy, not the training learner's model: no bf16 or channels-last callbacks travel, and the weights
+    # are plain fp32, so `load_learner(...).predict` gives `predict`'s probabilities.
+    net = custom_resnet(len(classes))
+    net.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    learn = cifar_learner(inference_dls(classes, device), net.eval(), path=file.parent)
+    learn.export(file.name)
+    return file

@@ -1,5 +1,5 @@
 """A run folder's figures and its report.md, drawn headless from the files the run wrote."""
-import csv
+import csv, json
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +7,7 @@ from matplotlib.figure import Figure  # no pyplot: no display, no global backend
 
 from lrfind import DESCENT
 
-__all__ = ['read_csv', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report']
+__all__ = ['read_csv', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report', 'headline']
 
 DPI = 100
 
@@ -123,3 +123,13 @@ def _fmt(k, v):
     if k.endswith('acc'): return f'{100 * v:.2f}%'
     if k == 'lr': return f'{v:.4g}'
     return f'{v:.4f}' if k.endswith('loss') else f'{v:.1f}'
+
+
+def headline(run):
+    "A run's result in one line, from its metrics.csv and config.json: test accuracy, epochs and device."
+    run = Path(run)
+    config, rows = json.loads((run / 'config.json').read_text()), read_csv(run / 'metrics.csv')
+    device = config.get('device', '?')
+    if config.get('device_name') and config['device_name'] != device: device += f' ({config["device_name"]})'
+    return (f'test accuracy {100 * rows[-1]["test_acc"]:.2f}% after {len(rows)} of {config.get("epochs", len(rows))} '
+            f'epochs on {device}; {config.get("n_train", "?")} training and {config.get("n_test", "?")} test images')

@@ -20,6 +20,7 @@ from interpret import interpret, most_confused, plot_confusion, plot_misclassifi
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
 from callbacks import ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, truncate_logs
 from lrfind import find_lrs
+from predict import export_learner
 from train import PEAK, PRECISIONS, broadcast, cifar_learner, distributed, fit_assignment, single_process, use_cudnn
 
 
@@ -255,6 +256,8 @@ def finish(learn, config, lr, out, t_start):
     if config.get('tensorboard'):
         from tensorboard_log import log_figures
         log_figures(out)
+    # fastai's way to share it: `load_learner(out/'export.pkl').predict(image)`, with no training images inside.
+    export_learner(learn.model, list(learn.dls.vocab), out / 'export.pkl', device=learn.dls.device)
     # Last, since model.pth marks a finished run: stopped before it, --resume draws the figures again.
     torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
     (out / 'checkpoint.pth').unlink(missing_ok=True)  # model.pth holds the weights now

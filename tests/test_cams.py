@@ -165,3 +165,62 @@ def test_run_folder_without_a_model(tiny_run, tmp_path, capsys):
     (tmp_path / 'config.json').write_text((tiny_run / 'config.json').read_text())
     code, err = run_here(capsys, 'cams.py', '--run', tmp_path)
     assert code == 2 and 'has no model.pth' in err and len(err.strip().splitlines()) == 1
+
+
+# ---- the pictures app.py shows ---------------------------------------------------------------------------------
+
+def test_cam_overlay_blends_at_the_opacity_and_enlarges():
+    import numpy as np
+    from matplotlib import colormaps
+    from cams import cam_overlay
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    cam = np.linspace(0, 1, 32 * 32).reshape(32, 32)
+    assert np.array_equal(cam_overlay(img, cam, opacity=0), img) and np.array_equal(cam_overlay(img, None, 0.7), img)
+    heat = np.rint(colormaps['jet'](cam)[..., :3] * 255)
+    assert np.abs(cam_overlay(img, cam, opacity=1).astype(int) - heat).max() <= 1
+    half = cam_overlay(img, cam, opacity=0.5).astype(int)
+    assert np.abs(half - (img.astype(int) + heat) / 2).max() <= 1
+    big = cam_overlay(img, cam, 0.5, scale=8)
+    assert big.shape == (256, 256, 3) and big.dtype == np.uint8 and np.array_equal(big[::8, ::8], half)
+
+
+def test_view_cam_is_gradcam_of_the_view(trained):
+    import numpy as np
+    from cams import view_cam
+    from predict import to_input
+    view = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for layer, target in (('layer3', None), ('layer1', 4)):
+        want = gradcam(trained, to_input(view), trained.get_submodule(layer), target)[0].numpy()
+        assert np.array_equal(view_cam(trained, view, layer, target), want)
+    with pytest.raises(Exception, match='not a block'): view_cam(trained, view, 'head')
+
+
+def test_misclassified_cams_are_the_top_losses_with_their_maps(tiny_run):
+    import numpy as np
+    from cams import load_run, misclassified_cams
+    from interpret import denorm, interpret, top_misclassified
+    learn = load_run(tiny_run, device='cpu')
+    interp = interpret(learn)
+    got = misclassified_cams(learn.model, interp, 4, 'layer2')
+    idx = top_misclassified(interp, 4)
+    assert len(got) == len(idx) == 4
+    x = interp[idx][0]
+    cams = gradcam(learn.model, x, learn.model.layer2, interp.decoded[idx]).numpy()
+    for (img, cam, caption), i, want_img, want_cam in zip(got, idx.tolist(), denorm(x), cams):
+        assert img.dtype == np.uint8 and np.abs(img / 255 - want_img).max() < 1 / 255 and np.array_equal(cam, want_cam)
+        assert caption.startswith(f'true {interp.vocab[int(interp.targs[i])]}, predicted '
+                                  f'{interp.vocab[int(interp.decoded[i])]} (')
+    assert len(misclassified_cams(learn.model, interp, 100)) == int((interp.decoded != interp.targs).sum())
+
+
+def test_run_data_prefers_the_given_then_the_recorded_folder(tiny_run, tmp_path, monkeypatch):
+    import json, shutil
+    from cams import run_data
+    recorded = json.loads((tiny_run / 'config.json').read_text())['data']
+    assert run_data(tiny_run, 'elsewhere') == 'elsewhere' and run_data(tiny_run) == recorded
+    moved = tmp_path / 'moved'  # a run copied to another machine, without its data folder
+    moved.mkdir()
+    shutil.copy(tiny_run / 'config.json', moved)
+    (moved / 'config.json').write_text((moved / 'config.json').read_text().replace(recorded, str(tmp_path / 'gone')))
+    monkeypatch.setenv('CIFAR10_DIR', str(tmp_path / 'cifar'))
+    assert str(run_data(moved)) == str(tmp_path / 'cifar')

@@ -10,7 +10,7 @@ from conftest import run_here, run_script
 from lrfind import from_curve
 
 FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
-         'summary.txt', 'config.json', 'report.md', 'misclassified.png', 'confusion.png', 'receptive_field.png',
+         'export.pkl', 'summary.txt', 'config.json', 'report.md', 'misclassified.png', 'confusion.png', 'receptive_field.png',
          'receptive_field.json']
 
 
