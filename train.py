@@ -51,10 +51,15 @@ def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_sm
     # cifar10-fast (Page, 2018) reached 94% in 24 epochs on this network with exactly this optimizer:
     # torch SGD, Nesterov momentum 0.9 held constant, and L2 decay 5e-4 on every weight, BN included.
     # fastai's own SGD has no Nesterov, so torch's is wrapped; `moms` pins fastai's momentum schedule flat.
+    # `weight_decay` is set at build time too, so the optimizer is the recipe's from `create_opt()` on, not from `fit`.
     if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
-    opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=mom, nesterov=True)
+    opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=mom, nesterov=True, weight_decay=wd)
     learn = CifarLearner(dls, model if model is not None else custom_resnet(len(dls.vocab)), opt_func=opt_func,
                          loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=accuracy, wd=wd,
+                         # BN weights decay too, as in cifar10-fast. torch's SGD decays every parameter whatever this
+                         # says (fastai's `False` only writes a `do_wd` flag that torch never reads); saying `True` keeps
+                         # BN decayed if fastai's own SGD, which does read the flag, is ever swapped in.
+                         wd_bn_bias=True,
                          moms=(mom, mom, mom), path=path, model_dir='.', cbs=cbs)
     learn.recorder.train_metrics = True  # fastai's one Recorder, not a second one: that prints every line twice
     learn.remove_cb(ProgressCallback).add_cb(LeanProgress())
@@ -125,13 +130,15 @@ def fit_assignment(learn, epochs, lr_min, lr_max, cbs=None, **kwargs):
 def distributed(learn):
     "fastai's `distrib_ctx` when launched by torchrun or `accelerate launch`, with its CPU work-arounds; else nothing."
     if num_distrib() <= 1: yield learn; return
-    cpu = learn.dls.device.type == 'cpu'
+    cpu, env = learn.dls.device.type == 'cpu', os.environ.get('ACCELERATE_USE_CPU')
     if cpu: os.environ.setdefault('ACCELERATE_USE_CPU', '1')  # accelerate otherwise looks for a GPU per process
     fastai_broadcast, DistributedDL._broadcast = DistributedDL._broadcast, _broadcast_idxs  # only while we train here
     try:
         with learn.distrib_ctx(sync_bn=not cpu): yield learn  # SyncBatchNorm has no CPU kernel; NCCL GPUs get it
     finally:
         DistributedDL._broadcast = fastai_broadcast
+        if env is None: os.environ.pop('ACCELERATE_USE_CPU', None)  # the environment as it was: a later fit may be on a GPU
+        else: os.environ['ACCELERATE_USE_CPU'] = env
         if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 
 
