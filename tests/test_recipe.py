@@ -162,6 +162,13 @@ def test_interpret_keeps_fastais_predictions_and_confusion_matrix(learn, tmp_pat
     assert (tmp_path / 'c.png').stat().st_size > 0
 
 
+def test_interpret_reads_the_loader_it_is_given(learn):
+    learn.remove_cb(learn.progress)
+    dl = learn.dls.train.new(shuffle=False, drop_last=False)  # 60 training images, not the 20 test ones
+    interp = interpret(learn, dl)
+    assert interp.dl is dl and len(interp.targs) == len(interp.losses) == interp.cm.sum() == 60
+
+
 # ---- the README's LR table ----------------------------------------------------------------------------------------
 
 CURVES = json.loads((Path(__file__).parent / 'data' / 'lr_find-curves-h100.json').read_text())
