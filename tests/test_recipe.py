@@ -190,3 +190,46 @@ def test_the_readmes_lr_table_is_what_the_rule_gives_on_the_h100_curves():
         # The README rounds to 3 significant digits (0.00120), the ratio to a whole number.
         assert [float(v) for v in table[run['seed']][:5]] == [float(f'{v:.3g}') for v in want]
         assert int(table[run['seed']][5]) == round(found.lr_max / found.lr_min)
+
+
+# ---- what the finder reports ----------------------------------------------------------------------------------------
+
+def hand_curve():
+    "The curve of tests/test_train.py's hand-solved case: a plateau at 2.3, then a bowl with its bottom at LR 0.1."
+    t = np.linspace(-6, 1, 71)
+    return 10 ** t, np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2)
+
+
+def test_the_rules_suggestions_mark_the_curve_where_fastai_plots_them():
+    lrs, losses = hand_curve()
+    c = lrfind.curve_rule(lrs, losses)
+    for f, lr in ((lrfind.lrmin, c.lr_min), (lrfind.lrmax, c.lr_max)):
+        got, (x, y) = f(lrs, losses, 71)
+        i = int(np.abs(np.log10(lrs) - np.log10(lr)).argmin())  # the recorded LR nearest the suggestion
+        assert got == x == pytest.approx(lr) and y == losses[i]
+    # between two recorded LRs, the marker sits on the nearer one in log space
+    assert lrfind._loss_at([1e-3, 1e-2], [5., 7.], 2.9e-3) == 5. and lrfind._loss_at([1e-3, 1e-2], [5., 7.], 3.3e-3) == 7.
+
+
+def test_the_finders_record_and_its_line():
+    lrs, losses = hand_curve()
+    losses = losses.tolist()
+    losses[-1] = float('nan')  # the finder's last point can be NaN: JSON has no NaN
+    found = lrfind.from_curve(lrs.tolist(), losses, 71, seconds=3.5)
+    record = found.to_json()
+    assert set(record) == {'suggestions', 'lr_min', 'lr_max', 'rule', 'seconds', 'num_it', 'plateau', 'threshold', 'fit',
+                           'lrs', 'losses'}
+    c = found.construction
+    assert (record['lr_min'], record['lr_max'], record['rule']) == (c.lr_min, c.lr_max, c.rule)
+    assert (record['plateau'], record['threshold'], record['fit']) == (c.plateau, c.threshold, list(c.fit))
+    assert record['seconds'] == 3.5 and record['num_it'] == 71 and record['lrs'] == lrs.tolist()
+    assert record['losses'][:-1] == losses[:-1] and record['losses'][-1] is None
+    assert record['suggestions'] == found.suggestions and json.loads(json.dumps(record, allow_nan=False)) == record
+    bare = lrfind.LRFind({'valley': float('nan')}, 1e-3, 1e-1, 'given').to_json()  # no construction: LRs given
+    assert bare['suggestions'] == {'valley': None} and bare['plateau'] is None and bare['fit'] == []
+    line = str(found)
+    assert line == lrfind.describe(found.suggestions, found.lr_min, found.lr_max, found.rule)
+    s = found.suggestions
+    assert line == (f"minimum {s['minimum']:.3g}, steep {s['steep']:.3g}, valley {s['valley']:.3g}, slide {s['slide']:.3g}"
+                    f' -> LRMIN {found.lr_min:.3g}, LRMAX {found.lr_max:.3g} ({found.rule})')
+    assert lrfind.describe({'valley': 0.01234}) == 'valley 0.0123'
