@@ -233,3 +233,11 @@ def test_the_finders_record_and_its_line():
     assert line == (f"minimum {s['minimum']:.3g}, steep {s['steep']:.3g}, valley {s['valley']:.3g}, slide {s['slide']:.3g}"
                     f' -> LRMIN {found.lr_min:.3g}, LRMAX {found.lr_max:.3g} ({found.rule})')
     assert lrfind.describe({'valley': 0.01234}) == 'valley 0.0123'
+
+
+def test_the_finders_defaults_are_the_readmes():
+    # "fastai's lr_find (100 steps from 1e-7 to 10)": the README's words, which a full finder run is too slow to test.
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(lrfind.find_lrs).parameters.items() if k != 'learn'}
+    assert defaults == dict(num_it=100, start_lr=1e-7, end_lr=10)
+    assert '(100 steps from 1e-7 to 10)' in (ROOT / 'README.md').read_text()

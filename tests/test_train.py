@@ -2,6 +2,7 @@
 import json, tempfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -60,7 +61,9 @@ def test_finder_leaves_weights_optimizer_recorder_and_rng_as_they_were(micro):
     learn = learner(micro, bs=5)
     weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
     rng, dl_rng = torch.get_rng_state(), learn.dls.train.rng.getstate()
+    figures = plt.get_fignums()
     found = find_lrs(learn, num_it=12)
+    assert plt.get_fignums() == figures  # fastai's own plot is not drawn: run.py saves the rule's
     assert set(found.suggestions) == {'minimum', 'steep', 'valley', 'slide'}
     assert 0 < found.lr_min < found.lr_max and len(found.lrs) == len(found.losses) > 0
     assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in weights.items())

@@ -17,6 +17,11 @@ EQUIVALENT = {
     'interpret.x_interpret__mutmut_9': "fastai's get_preds replaces a drop_last loader with one that keeps every item",
     'interpret.x_interpret__mutmut_11': "fastai's get_preds replaces a drop_last loader with one that keeps every item",
     'interpret.x_interpret__mutmut_13': "fastai's get_preds replaces a drop_last loader with one that keeps every item",
+    'lrfind.x__loss_at__mutmut_10': 'the LRs are floats already (a list or array of them): no dtype gives the same array',
+    'lrfind.x__loss_at__mutmut_12': 'the LRs are floats already (a list or array of them): no dtype gives the same array',
+    'lrfind.x_find_lrs__mutmut_16': 'show_plot=None is as falsy as False: no plot either way',
+    'lrfind.x_find_lrs__mutmut_17': "fastai's lr_find starts at 1e-7 by default, as find_lrs does",
+    'lrfind.x_find_lrs__mutmut_18': "fastai's lr_find ends at 10 by default, as find_lrs does",
 }
 # What is tested: all of augment.py and lrfind.py; train.py's learner and schedule (not its progress bar, bf16 callback,
 # random streams or process-group helpers, which tests/test_speed.py, test_reliability.py and test_distributed.py
@@ -36,12 +41,12 @@ def results():
 def diff(name):
     "The mutant's change: its removed and added lines."
     out = subprocess.run(MUTMUT + ['show', name], capture_output=True, text=True).stdout
-    return [l for l in out.splitlines() if re.match(r'^[-+] ', l)]
+    return [l for l in out.splitlines() if re.match(r'^[-+](?![-+]{2} )', l)]
 
 
 def docstring_only(lines):
     "True when the mutant changes nothing but a docstring (a line that is a lone string literal)."
-    return lines and all(re.fullmatch(r'[-+]\s+(XX)?["\'].*["\'](XX)?', l) for l in lines)
+    return bool(lines) and all(re.fullmatch(r'[-+]\s+(XX)?["\'].*["\'](XX)?', l) for l in lines)
 
 
 def main():
