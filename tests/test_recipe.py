@@ -241,3 +241,10 @@ def test_the_finders_defaults_are_the_readmes():
     defaults = {k: p.default for k, p in inspect.signature(lrfind.find_lrs).parameters.items() if k != 'learn'}
     assert defaults == dict(num_it=100, start_lr=1e-7, end_lr=10)
     assert '(100 steps from 1e-7 to 10)' in (ROOT / 'README.md').read_text()
+
+
+def test_a_suggestion_the_curve_is_too_short_for_is_nan():
+    lrs, losses = hand_curve()
+    out = lrfind.suggest(lrs[:20].tolist(), losses[:20].tolist(), 20)  # 13 points once trimmed: `slide` needs 16
+    assert np.isnan(out['slide']) and all(np.isfinite(out[k]) for k in ('minimum', 'steep', 'valley'))
+    assert 'slide nan' in lrfind.describe(out)

@@ -19,6 +19,8 @@ EQUIVALENT = {
     'interpret.x_interpret__mutmut_13': "fastai's get_preds replaces a drop_last loader with one that keeps every item",
     'lrfind.x__loss_at__mutmut_10': 'the LRs are floats already (a list or array of them): no dtype gives the same array',
     'lrfind.x__loss_at__mutmut_12': 'the LRs are floats already (a list or array of them): no dtype gives the same array',
+    'lrfind.x_suggest__mutmut_16': "fastai's four suggestion functions take num_it but none of them reads it",
+    'lrfind.x_suggest__mutmut_24': "float('NAN') is float('nan')",
     'lrfind.x_find_lrs__mutmut_16': 'show_plot=None is as falsy as False: no plot either way',
     'lrfind.x_find_lrs__mutmut_17': "fastai's lr_find starts at 1e-7 by default, as find_lrs does",
     'lrfind.x_find_lrs__mutmut_18': "fastai's lr_find ends at 10 by default, as find_lrs does",
