@@ -89,7 +89,7 @@ def load_run(run, data=None, device=None):
     model, _ = load_model(run, dls.device, data)  # predict.py's loader, with its one-line errors
     if model.head.fc.out_features != len(dls.vocab):
         raise UsageError(f'{run / "model.pth"} has {model.head.fc.out_features} classes, its data {len(dls.vocab)}')
-    learn = cifar_learner(dls, model)
+    learn = cifar_learner(dls, model, logit_scale=model.logit_scale)  # the run's probabilities, as it trained them
     learn.remove_cb(learn.progress)  # a few seconds of prediction need no bar
     return learn
 

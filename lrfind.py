@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from fastai.callback.schedule import minimum, slide, steep, valley
 
-from cli import UsageError
+from cli import RunError
 from train import rng_state, set_rng_state
 
 __all__ = ['FIT_DECADES', 'DESCENT', 'RATIO', 'CurveRule', 'curve_rule', 'lrmin', 'lrmax', 'trim', 'suggest',
@@ -122,8 +122,8 @@ class LRFind:
                     lrs=self.lrs, losses=[ok(v) for v in self.losses])
 
 
-class FinderError(UsageError):
-    "The finder's curve was too short or too flat to choose LRMIN and LRMAX from."
+class FinderError(RunError):
+    "The finder's curve was too short or too flat to choose LRMIN and LRMAX from: the run fails (exit 1), no flag was wrong."
 
 
 def find_lrs(learn, num_it=100, start_lr=1e-7, end_lr=10):

@@ -100,8 +100,9 @@ def predict(model, img, classes, k=3):
     finally: model.train(was_training)
     if logits.shape[1] != len(classes):
         raise UsageError(f'the model has {logits.shape[1]} outputs but {len(classes)} class names were given')
-    # The loss's own activation, softmax(0.125 × logits): the probabilities the run trained, with no copy of the scale.
-    probs = ScaledCrossEntropy().activation(logits)[0]
+    # The loss's own activation, softmax(scale × logits): the probabilities the run trained. `load_model` gives the model
+    # its run's scale; any other model gets the recipe's.
+    probs = ScaledCrossEntropy(getattr(model, 'logit_scale', ScaledCrossEntropy().scale)).activation(logits)[0]
     top = probs.topk(min(k, len(classes)))
     return [Prediction(classes[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
 
@@ -122,7 +123,7 @@ def run_classes(run, n_out, data=None):
 
 
 def load_model(run, device=None, data=None):
-    "A run folder's trained `custom_resnet` (on `device`, default the GPU if there is one) and its class names."
+    "A run folder's trained `custom_resnet` (on `device`, default the GPU if there is one, with its `logit_scale`) and its class names."
     run, file = Path(run), Path(run) / 'model.pth'
     dev = torch_device(device)
     try:
@@ -132,6 +133,8 @@ def load_model(run, device=None, data=None):
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, AttributeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f'{file} is not a custom_resnet state_dict ({reason})') from None
+    # The scale its loss put on the logits, for `predict`'s probabilities; runs before config.json recorded it used 0.125.
+    model.logit_scale = json.loads((run / 'config.json').read_text()).get('logit_scale', 0.125)
     return model.to(dev).eval(), run_classes(run, model.head.fc.out_features, data)
 
 

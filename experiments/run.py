@@ -118,11 +118,12 @@ def run(s):
                   torch_threads=torch.get_num_threads(), git_commit=git_commit(), command=' '.join(sys.argv),
                   started=datetime.now().isoformat(timespec='seconds'),
                   n_train=len(dls.train_ds), n_test=len(dls.valid_ds), seconds=dict(data=round(time.perf_counter() - t, 2)))
+    learn = make_learner(dls, out, s)
+    config['logit_scale'] = learn.loss_func.scale  # what the loss multiplies the logits by: predict.py's probabilities use it
     if main:
         made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data leaves nothing behind
         save_json(out / 'config.json', config)
-    learn = make_learner(dls, out, s)
     if main: write_summary(learn.model, out / 'summary.txt')
     finder = learn
     if world > 1 and s.lr_max is None:  # every process runs the finder alone, at the global batch size

@@ -140,6 +140,7 @@ def test_cams_end_to_end(tiny_run, tmp_path):
     report = (out / 'report.md').read_text()
     assert '![gradcam](gradcam.png)' in report and '(gradcam_03.png)' in report
     r = run_script('cams.py', '--n', 2, '--run', tiny_run, '--out', out)  # again: the section is replaced
+    assert r.returncode == 0, r.stderr
     assert (out / 'report.md').read_text().count('<!-- cams.py -->') == 1
 
 

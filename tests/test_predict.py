@@ -214,3 +214,29 @@ def test_two_images_drawn_to_one_file(tiny_run, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cams.main(image=[str(tmp_path / 'a.png'), str(tmp_path / 'a.jpg')], run=str(tiny_run))
     assert 'would both be drawn to' in capsys.readouterr().err and not (tmp_path / 'a.gradcam.png').exists()
+
+
+def test_a_run_records_its_logit_scale_and_predict_uses_it(tiny_run, tmp_path):
+    config = json.loads((tiny_run / 'config.json').read_text())
+    assert config['logit_scale'] == 0.125  # what run.py's loss multiplied the logits by
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(tiny_run / 'model.pth', run)
+    img = image(32, 32)
+    for recorded, scale in [(1.0, 1.0), (0.5, 0.5), (None, 0.125)]:  # no key: a run from before it was recorded
+        (run / 'config.json').write_text(json.dumps({**config, 'logit_scale': recorded} if recorded else
+                                                    {k: v for k, v in config.items() if k != 'logit_scale'}))
+        model, classes = load_model(run, device='cpu')
+        with torch.no_grad(): probs = F.softmax(model(preprocess(img)) * scale, dim=1)[0]
+        got = predict(model, img, classes, k=10)
+        assert [p.prob for p in got] == pytest.approx(sorted(probs.tolist(), reverse=True), abs=1e-6)
+
+
+def test_cams_explains_a_run_with_its_own_logit_scale(tiny_run, tmp_path):
+    from cams import load_run
+    run = tmp_path / 'run'
+    run.mkdir()
+    shutil.copy(tiny_run / 'model.pth', run)
+    config = json.loads((tiny_run / 'config.json').read_text())
+    (run / 'config.json').write_text(json.dumps({**config, 'logit_scale': 0.5}))
+    assert load_run(run, device='cpu').loss_func.scale == 0.5

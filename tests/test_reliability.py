@@ -1,5 +1,7 @@
 """A killed run resumes exactly, the same seed gives the same run, a diverging run stops with a message, bad input is named."""
-import csv, json, signal, subprocess, sys, threading, time
+import csv, json, os, signal, subprocess, sys, threading, time
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,3 +214,63 @@ def test_out_that_is_a_file(tmp_path, capsys, data):
     (tmp_path / 'f').write_text('x')
     code, err = run_here(capsys, 'experiments/run.py', '--data', data, '--out', tmp_path / 'f')
     assert code == 2 and 'is a file, not a folder' in err
+
+
+def test_out_that_is_not_empty(tmp_path, capsys, data):
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'keep.txt').write_text('an earlier run')
+    code, err = run_here(capsys, 'experiments/run.py', '--data', data, '--out', tmp_path / 'run')
+    assert code == 2 and 'is not empty; choose a new folder' in err and len(err.splitlines()) == 1
+    assert [p.name for p in (tmp_path / 'run').iterdir()] == ['keep.txt']
+
+
+def test_out_that_is_not_writable(tmp_path, capsys, data, monkeypatch):
+    # Simulated: the tests run as root in CI, where every folder is writable.
+    access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode, **kw: Path(p) != tmp_path and access(p, mode, **kw))
+    code, err = run_here(capsys, 'experiments/run.py', '--data', data, '--out', tmp_path / 'new' / 'run')
+    assert code == 2 and f'{tmp_path} is not writable' in err and len(err.splitlines()) == 1
+    assert not (tmp_path / 'new').exists()
+
+
+def test_more_processes_than_gpus(tmp_path, capsys, data, monkeypatch):
+    # Simulated: process 1 of 2 under torchrun on a machine with one GPU.
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    code, err = run_here(capsys, 'experiments/run.py', '--data', data, '--out', tmp_path / 'run')
+    assert code == 2 and 'process 1 has no GPU of its own (1 GPU(s) here)' in err and len(err.splitlines()) == 1
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_batch_that_does_not_split_over_the_processes(tmp_path, capsys, data, monkeypatch):
+    monkeypatch.setenv('WORLD_SIZE', '3')
+    code, err = run_here(capsys, 'experiments/run.py', '--data', data, '--bs', 512, '--out', tmp_path / 'run')
+    assert code == 2 and '--bs 512 does not split evenly over 3 processes' in err and len(err.splitlines()) == 1
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_finder_curve_too_short_is_a_run_failure_not_a_usage_error(tmp_path, capsys, data):
+    # 6 finder steps leave 1 point once fastai's trimming is done: no LRs can be read off it.
+    code, err = run_here(capsys, 'experiments/run.py', '--data', data, '--bs', 20, '--epochs', 1, '--find-iters', 6,
+                         '--device', 'cpu', '--out', tmp_path / 'run')
+    assert code == 1 and 'lr_find could not choose LRs' in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize('before', [None, '0'])
+def test_distributed_restores_the_environment(tmp_path, monkeypatch, before):
+    import train
+    learn = cifar_learner(cifar_dls(make_folder(tmp_path / 'd', n_train=1, n_test=1), bs=5, device='cpu', verbose=False))
+    seen = {}
+    @contextmanager
+    def distrib_ctx(**kwargs):
+        seen.update(kwargs, env=os.environ.get('ACCELERATE_USE_CPU'))
+        yield
+    learn.distrib_ctx = distrib_ctx  # fastai's would start a process group; what is checked here is ours around it
+    monkeypatch.setattr(train, 'num_distrib', lambda: 2)
+    if before is None: monkeypatch.delenv('ACCELERATE_USE_CPU', raising=False)
+    else: monkeypatch.setenv('ACCELERATE_USE_CPU', before)
+    with train.distributed(learn): pass
+    assert seen == dict(sync_bn=False, env=before or '1')  # a user's own setting is kept while it runs
+    assert os.environ.get('ACCELERATE_USE_CPU') == before

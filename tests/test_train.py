@@ -1,7 +1,8 @@
 """The one-cycle schedule starts, peaks and ends where the assignment says; the finder leaves the learner clean."""
-import json, tempfile
+import json, tempfile, time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -60,7 +61,10 @@ def test_finder_leaves_weights_optimizer_recorder_and_rng_as_they_were(micro):
     learn = learner(micro, bs=5)
     weights = {k: v.clone() for k, v in learn.model.state_dict().items()}
     rng, dl_rng = torch.get_rng_state(), learn.dls.train.rng.getstate()
+    figures, start = plt.get_fignums(), time.perf_counter()
     found = find_lrs(learn, num_it=12)
+    assert plt.get_fignums() == figures  # fastai's own plot is not drawn: run.py saves the rule's
+    assert 0 < found.seconds <= time.perf_counter() - start and found.num_it == 12 and len(found.lrs) <= 12
     assert set(found.suggestions) == {'minimum', 'steep', 'valley', 'slide'}
     assert 0 < found.lr_min < found.lr_max and len(found.lrs) == len(found.losses) > 0
     assert all(torch.equal(v, learn.model.state_dict()[k]) for k, v in weights.items())

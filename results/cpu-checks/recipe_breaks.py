@@ -1,0 +1,114 @@
+"""Break the recipe one change at a time, in a copy of this checkout, and run the test meant to catch each change.
+
+python results/cpu-checks/recipe_breaks.py > results/cpu-checks/recipe-tests.log
+Every line should say FAILED: the test caught the break. The last line runs the same tests on the unbroken copy.
+"""
+import os, shutil, subprocess, sys, tempfile, time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+R, T, P = 'tests/test_recipe.py::', 'tests/test_reliability.py::', 'tests/test_predict.py::'
+
+# (what the break does, file, text, replacement, the test that should fail)
+BREAKS = [
+    ('no flip', 'data.py', 'PadCropFlip(pad, flip_p=0.5)', 'PadCropFlip(pad, flip_p=0.)',
+     R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
+    ('no Cutout', 'data.py', ', Cutout(cutout)])', '])',
+     R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
+    ('Cutout before Normalize', 'augment.py', '    order = 100\n', '    order = 50\n',
+     R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
+    ('edge padding, not reflection', 'augment.py', 'return (n - 1) - ((n - 1) - i.abs()).abs()', 'return i.clamp(0, n - 1)',
+     R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
+    ('no crop (pad 0)', 'data.py', 'def array_block(images, labels, vocab, test_idx, pad=4,',
+     'def array_block(images, labels, vocab, test_idx, pad=0,',
+     R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
+    ('no Nesterov', 'train.py', 'momentum=mom, nesterov=True', 'momentum=mom, nesterov=False',
+     R + 'test_the_optimizer_is_torch_sgd_with_nesterov_momentum_and_l2_decay'),
+    ('no Nesterov (the step)', 'train.py', 'momentum=mom, nesterov=True', 'momentum=mom, nesterov=False',
+     R + 'test_bn_weights_decay_by_the_l2_nesterov_step'),
+    ('no weight decay', 'train.py', 'mom=0.9, wd=5e-4,', 'mom=0.9, wd=0.,',
+     R + 'test_the_optimizer_is_torch_sgd_with_nesterov_momentum_and_l2_decay'),
+    ('weight decay only from fit', 'train.py', ', nesterov=True, weight_decay=wd)', ', nesterov=True)',
+     R + 'test_the_optimizer_is_torch_sgd_with_nesterov_momentum_and_l2_decay'),
+    ('wd_bn_bias left to fastai (False)', 'train.py', '                         wd_bn_bias=True,\n', '',
+     R + 'test_bn_weights_still_decay_with_fastais_own_sgd'),
+    ('unscaled logits', 'train.py', 'wd=5e-4, logit_scale=0.125,', 'wd=5e-4, logit_scale=1.,',
+     R + 'test_the_loss_and_its_activation_scale_the_logits_by_one_eighth'),
+    ('unscaled activation', 'train.py', 'return F.softmax(x * self.scale, dim=-1)', 'return F.softmax(x, dim=-1)',
+     R + 'test_the_loss_and_its_activation_scale_the_logits_by_one_eighth'),
+    ('lowest-loss mistakes', 'interpret.py', 'argsort(descending=True)', 'argsort(descending=False)',
+     R + 'test_the_misclassified_shown_are_the_highest_loss_mistakes_highest_first'),
+    ('least-confused pairs', 'interpret.py', 'key=lambda p: -p[2]', 'key=lambda p: p[2]',
+     R + 'test_most_confused_are_the_largest_off_diagonal_counts_largest_first'),
+    ('FIT_DECADES 0.5 -> 0.3', 'lrfind.py', 'FIT_DECADES = 0.5', 'FIT_DECADES = 0.3',
+     R + 'test_the_readmes_lr_table_is_what_the_rule_gives_on_the_h100_curves'),
+    ('DESCENT 0.05 -> 0.04', 'lrfind.py', 'DESCENT = 0.05', 'DESCENT = 0.04',
+     R + 'test_the_readmes_lr_table_is_what_the_rule_gives_on_the_h100_curves'),
+    ('FinderError a usage error (exit 2)', 'lrfind.py', 'class FinderError(RunError):',
+     "class FinderError(__import__('cli').UsageError):", T + 'test_a_finder_curve_too_short_is_a_run_failure_not_a_usage_error'),
+    ('ACCELERATE_USE_CPU left set', 'train.py', "        if env is None: os.environ.pop('ACCELERATE_USE_CPU', None)", '        if 0: pass',
+     T + 'test_distributed_restores_the_environment'),
+    ('--out not-empty check gone', 'experiments/run.py', "    if out.is_dir() and any(out.iterdir()): raise", '    if 0: raise',
+     T + 'test_out_that_is_not_empty'),
+    ('--out writable check gone', 'experiments/run.py', '    if not os.access(parent, os.W_OK): raise', '    if 0: raise',
+     T + 'test_out_that_is_not_writable'),
+    ('more processes than GPUs allowed', 'experiments/run.py', '        if rank >= gpus: raise', '        if 0: raise',
+     T + 'test_more_processes_than_gpus'),
+    ('--bs that does not split allowed', 'experiments/run.py', '    if s.bs % world: raise', '    if 0: raise',
+     T + 'test_a_batch_that_does_not_split_over_the_processes'),
+    ('logit_scale not recorded', 'experiments/run.py', "    config['logit_scale'] = learn.loss_func.scale", '    pass',
+     P + 'test_a_run_records_its_logit_scale_and_predict_uses_it'),
+    ('predict ignores the recorded scale', 'predict.py', "getattr(model, 'logit_scale', ScaledCrossEntropy().scale)",
+     'ScaledCrossEntropy().scale', P + 'test_a_run_records_its_logit_scale_and_predict_uses_it'),
+    ('old runs default to 1, not 0.125', 'predict.py', ".get('logit_scale', 0.125)", ".get('logit_scale', 1.)",
+     P + 'test_a_run_records_its_logit_scale_and_predict_uses_it'),
+    ('cams.py ignores the recorded scale', 'cams.py', 'cifar_learner(dls, model, logit_scale=model.logit_scale)',
+     'cifar_learner(dls, model)', P + 'test_cams_explains_a_run_with_its_own_logit_scale'),
+    ("cams.py's second run fails", 'cams.py', "    add_to_report(out / 'report.md', layer, files, grid, layers_png, note)\n",
+     "    add_to_report(out / 'report.md', layer, files, grid, layers_png, note)\n    if n == 2: raise SystemExit(3)\n",
+     'tests/test_cams.py::test_cams_end_to_end'),
+    ('a missing archive skips under CI', 'tests/conftest.py', "if not ARCHIVE.exists(): skip_or_fail(", 'if not ARCHIVE.exists(): pytest.skip(',
+     'tests/test_ci.py'),
+    ('a missing assignment skips under CI', 'tests/test_arch.py', 'if not ASSIGNMENT.exists(): skip_or_fail(',
+     'if not ASSIGNMENT.exists(): pytest.skip(', 'tests/test_ci.py'),
+    ("no broadcast of rank 0's LRs", 'experiments/run.py', '        lr = broadcast(lr)', '        lr = lr',
+     'tests/test_distributed.py'),
+    ('the finder at each process\'s share of the batch', 'experiments/run.py',
+     'finder = make_learner(cifar_dls(s.data, bs=s.bs,', 'finder = make_learner(cifar_dls(s.data, bs=s.bs // world,',
+     'tests/test_distributed.py'),
+]
+
+
+def pytest(tree, *tests):
+    "Run tests (ids or files) in `tree`: 'PASSED' or 'FAILED', and the seconds it took."
+    env = {**os.environ, 'PYTHONPATH': str(tree), 'PYTHONWARNINGS': 'ignore::FutureWarning',
+           'CIFAR10_TGZ': str(ROOT.parent / 'shared' / 'data' / 'cifar10-png.tgz')}  # the copy has no ../shared beside it
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', *tests], cwd=tree, env=env,
+                       capture_output=True, text=True, timeout=900)
+    return ('PASSED' if r.returncode == 0 else f'FAILED (exit {r.returncode})'), time.perf_counter() - t
+
+
+def main(only=None):
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / 'tree'
+        files = subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+        for f in files:
+            (tree / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, tree / f)
+        print(f'checkout {subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()}, '
+              f'{len(BREAKS)} breaks, one at a time', flush=True)
+        for i, (what, f, old, new, test) in enumerate(BREAKS, 1):
+            if only and i not in only: continue
+            text = (tree / f).read_text()
+            assert text.count(old) == 1, f'break {i} ({what}): {old!r} is not once in {f}'
+            (tree / f).write_text(text.replace(old, new))
+            try: result, secs = pytest(tree, test)
+            finally: (tree / f).write_text(text)
+            print(f'{i:2d}. {what} ({f}): {test} -> {result} [{secs:.0f} s]', flush=True)
+        tests = sorted({t for i, (*_, t) in enumerate(BREAKS, 1) if not only or i in only})
+        result, secs = pytest(tree, *tests)
+        print(f'unbroken: the {len(tests)} tests above -> {result} [{secs:.0f} s]', flush=True)
+
+
+if __name__ == '__main__': main({int(a) for a in sys.argv[1:]} or None)
