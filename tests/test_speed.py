@@ -45,7 +45,7 @@ class DeviceReads(TorchFunctionMode):
         # Followed by their memory, not their Python objects: fastai rewraps tensors (TensorBase(x), as_subclass),
         # which makes new objects over the same memory without a call this mode sees. The tensors are held, so
         # their memory is not reused while the count runs.
-        self.held, self.sites, self.on = {}, collections.Counter(), False
+        self.held, self.sites, self.on = {}, collections.Counter(), None  # `on`: the phase counted, or None
         dl = learn.dls.train
         for t in [*learn.model.parameters(), *learn.model.buffers(), dl.images, dl.labels, dl.rows]: self._mark(t)
 
@@ -60,39 +60,43 @@ class DeviceReads(TorchFunctionMode):
         device = any(self._key(t) in self.held for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
         if device and self.on and getattr(func, '__name__', '') in self.READS:
             frames = [f for f in traceback.extract_stack()[:-1] if '/torch/' not in f.filename]
-            self.sites[f'{frames[-1].filename}:{frames[-1].lineno}'] += 1
+            self.sites[f'{self.on} {frames[-1].filename}:{frames[-1].lineno}'] += 1
         out = func(*args, **kwargs)
         if device:
             for t in tree_leaves(out): self._mark(t)
         return out
 
 
-class InTraining(Callback):
-    "Switches `DeviceReads` on for the training batches of each epoch: loading, augmentation and every callback's part."
-    order = -1000  # first at before_train and at after_train, where the epoch's once-only reads begin
+class InBatches(Callback):
+    "Switches `DeviceReads` on for the batches of each epoch, training and validation: loading, augmentation, every callback."
+    order = -1000  # first at after_train and after_validate, where the once-an-epoch reads begin
     def __init__(self, reads): self.reads = reads
-    def before_train(self): self.reads.on = True
-    def after_train(self): self.reads.on = False
+    def before_train(self): self.reads.on = 'train'
+    def before_validate(self): self.reads.on = 'valid'
+    def after_train(self): self.reads.on = None
+    def after_validate(self): self.reads.on = None
 
 
 def device_reads(learn, cbs=()):
-    "Reads of device tensors inside training batches over a 2-epoch fit, by the line that made them."
+    "Reads of device tensors inside training and validation batches over a 2-epoch fit: (training, validation, sites)."
     reads = DeviceReads(learn)
-    with reads: fit_assignment(learn, 2, 0.01, 0.1, cbs=[InTraining(reads), *cbs])
-    return sum(reads.sites.values()), reads.sites
+    with reads: fit_assignment(learn, 2, 0.01, 0.1, cbs=[InBatches(reads), *cbs])
+    count = lambda phase: sum(n for site, n in reads.sites.items() if site.startswith(phase))
+    return count('train'), count('valid'), reads.sites
 
 
 def test_the_instrument_sees_fastais_own_reads(folder):
-    "With fastai's own sums and bar: a .cpu() for the smoothed loss and for the train metric at every one of 16 batches."
-    n, sites = device_reads(stock(learner(folder)))
-    assert n >= 2 * 16, sites
+    "With fastai's own sums and bar: a .cpu() for the smoothed loss and the train metric at each of 16 batches, and so on."
+    train, valid, sites = device_reads(stock(learner(folder)))
+    assert train >= 2 * 16 and valid >= 2 * 4, sites  # validation: the loss and the metric at each of 4 batches
 
 
-def test_no_host_read_in_a_training_batch_but_the_divergence_checks(folder, tmp_path):
+def test_no_host_read_in_a_batch_but_the_divergence_checks(folder, tmp_path):
     learn = learner(folder)
-    n, sites = device_reads(learn, [StopOnDivergence(every=4), RunLog(tmp_path)])
+    train, valid, sites = device_reads(learn, [StopOnDivergence(every=4), RunLog(tmp_path)])
     # 8 batches an epoch, 2 epochs, a check every 4 batches: 4 reads, all of them the divergence check's
-    assert n == 4 and all('callbacks.py' in site for site in sites), sites
+    assert train == 4 and all('callbacks.py' in site for site in sites), sites
+    assert valid == 0, sites  # validation's sums are read once, after its last batch
 
 
 def test_the_lean_callbacks_give_fastais_numbers(folder, tmp_path):
