@@ -1,12 +1,12 @@
 """experiments/run.py end to end, as a user runs it: every file of the run folder, and one-line errors."""
-import csv, json
+import csv, json, os, subprocess, sys
 
 import pytest
 import torch
 from PIL import Image
 
 from arch import custom_resnet
-from conftest import run_here, run_script
+from conftest import ROOT, run_here, run_script
 from lrfind import from_curve
 
 FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
@@ -110,3 +110,11 @@ def test_tensorboard_logs_steps_epochs_and_figures(tiny, tmp_path):
         assert [e.step for e in got] == [1, 2]
         assert [e.value for e in got] == pytest.approx([float(m[name]) for m in metrics], rel=1e-5)
     assert {'figures/lr_find', 'figures/confusion', 'figures/misclassified'} <= set(events.Tags()['images'])
+
+
+@pytest.mark.parametrize('script', ['experiments/run.py', 'cams.py', 'experiments/bench.py'])
+def test_commands_start_without_warnings(script):
+    "fastai's import-time FutureWarning (torch.jit.script) is filtered at every entry point, with no help from pytest."
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}
+    r = subprocess.run([sys.executable, script, '--help'], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stderr == '' and 'usage' in r.stdout, r.stderr
