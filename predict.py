@@ -164,13 +164,14 @@ def inference_dls(classes, device=None):
     return dblock.dataloaders([blank], bs=1, device=device).new_empty()
 
 
-def export_learner(model, classes, file, device=None):
+def export_learner(model, classes, file, device=None, logit_scale=0.125):
     "Write `file` with fastai's `learn.export()`: an fp32 copy of `model` and `inference_dls(classes)`, for `load_learner`."
     file = Path(file)
     # A fresh copy, not the training learner's model: no bf16 or channels-last callbacks travel, and the weights
     # are plain fp32, so `load_learner(...).predict` gives `predict`'s probabilities.
     net = custom_resnet(len(classes))
     net.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
-    learn = cifar_learner(inference_dls(classes, device), net.eval(), path=file.parent)
+    # The run's logit scale, so that the loss's activation gives the probabilities the run trained (as `predict`).
+    learn = cifar_learner(inference_dls(classes, device), net.eval(), logit_scale=logit_scale, path=file.parent)
     learn.export(file.name)
     return file

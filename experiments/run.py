@@ -258,7 +258,8 @@ def finish(learn, config, lr, out, t_start):
         from tensorboard_log import log_figures
         log_figures(out)
     # fastai's way to share it: `load_learner(out/'export.pkl').predict(image)`, with no training images inside.
-    export_learner(learn.model, list(learn.dls.vocab), out / 'export.pkl', device=learn.dls.device)
+    export_learner(learn.model, list(learn.dls.vocab), out / 'export.pkl', device=learn.dls.device,
+                   logit_scale=learn.loss_func.scale)
     # Last, since model.pth marks a finished run: stopped before it, --resume draws the figures again.
     torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
     (out / 'checkpoint.pth').unlink(missing_ok=True)  # model.pth holds the weights now
