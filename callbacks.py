@@ -12,7 +12,7 @@ from fastcore.basics import noop
 from cli import RunError
 from train import rng_state, set_rng_state
 
-__all__ = ['RunLog', 'ETA', 'plain_console', 'Diverged', 'StopOnDivergence', 'Checkpoint', 'load_checkpoint',
+__all__ = ['RunLog', 'ETA', 'plain_console', 'Diverged', 'StopOnDivergence', 'Checkpoint', 'load_checkpoint', 'saved_epoch',
            'truncate_logs']
 
 
@@ -196,6 +196,11 @@ def load_checkpoint(learn, path):
     learn.opt.load_state_dict(state['opt'])
     set_rng_state(learn, state['rng'])
     return state
+
+
+def saved_epoch(path):
+    "How many epochs the `Checkpoint` at `path` holds: 0 when there is none yet."
+    return torch.load(path, map_location='cpu', weights_only=False)['epoch'] if Path(path).exists() else 0
 
 
 def truncate_logs(folder, epochs, steps_per_epoch):

@@ -18,7 +18,8 @@ from data import cifar_dls
 from effective_rf import receptive_fields
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
-from callbacks import ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, truncate_logs
+from callbacks import (ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, saved_epoch,
+                       truncate_logs)
 from lrfind import find_lrs
 from predict import export_learner
 from train import PEAK, PRECISIONS, broadcast, cifar_learner, distributed, fit_assignment, single_process, use_cudnn
@@ -151,7 +152,7 @@ def how_to_continue(out, epochs):
     "After a Ctrl-C in training: what is kept, and the command that continues the run."
     ck = out / 'checkpoint.pth'
     if (out / 'model.pth').exists(): return f'interrupted after the run had finished; everything is in {out}'
-    done = torch.load(ck, map_location='cpu', weights_only=False)['epoch'] if ck.exists() else 0
+    done = saved_epoch(ck)
     if done == epochs: kept = f'interrupted while writing the figures; all {epochs} epochs are saved in {ck}'
     elif done: kept = f'interrupted during epoch {done + 1} of {epochs}; epochs 1-{done} are saved in {ck}'
     else: kept = f'interrupted during epoch 1 of {epochs}, before any epoch was saved; the LRs are in {out / "lr_find.json"}'
@@ -239,7 +240,7 @@ def fit_run(learn, epochs, config, lr, out, main=True, resumed=None):
     try: fit_assignment(learn, epochs, lr['lr_min'], lr['lr_max'], cbs=cbs, start_epoch=start_epoch)
     except Diverged as e:
         ck = out / 'checkpoint.pth' if out else None
-        kept = (f'the last good checkpoint (epoch {torch.load(ck, map_location="cpu", weights_only=False)["epoch"]}) is {ck}'
+        kept = (f'the last good checkpoint (epoch {saved_epoch(ck)}) is {ck}'
                 if ck and ck.exists() else 'no epoch had finished')
         raise RunError(f'{e.msg} (it was {lr["lr_max"]:.3g}); {kept}') from None
     if main: config['seconds']['train'] = round(prior + time.perf_counter() - t, 2)
