@@ -90,3 +90,38 @@ def test_fastai_wrappers_are_training_only_and_leave_labels_alone():
         assert torch.equal(tfm(x, split_idx=1), x)  # validation: untouched
         xa, ya = tfm((x, y), split_idx=0)
         assert not torch.equal(xa, x) and torch.equal(ya, y)
+
+
+def test_the_defaults_are_the_recipes_and_reach_every_place():
+    # pad 4 (offsets -4..4 both ways, none further), no flip unless asked, p = 0.5, an 8×8 square anywhere inside
+    torch.manual_seed(0)
+    x = coords(400)
+    offs = crop_offsets(batch_crop(x), x, 4)
+    assert None not in offs and {dy for dy, _ in offs} == {dx for _, dx in offs} == set(range(9))
+    flipped = sum(torch.equal(o, xi.flip(-1)) for o, xi in zip(batch_flip_lr(x), x))
+    assert 150 < flipped < 250
+    tops, lefts = set(), set()
+    for o in batch_cutout(coords(1000)):
+        ys, xs = torch.nonzero(o[0] == 0, as_tuple=True)
+        assert len(ys) == 64
+        tops.add(int(ys.min())), lefts.add(int(xs.min()))
+    assert tops == lefts == set(range(25))  # 32 - 8 + 1 places each way, the edges included
+
+
+def test_the_wrappers_defaults_are_the_recipes():
+    torch.manual_seed(0)
+    x = TensorImage(coords(400))
+    out = PadCropFlip()(x, split_idx=0)
+    plain, mirrored = crop_offsets(out, x, 4), crop_offsets(out.flip(-1), x, 4)
+    assert all(p is not None or m is not None for p, m in zip(plain, mirrored))  # within 4 pixels
+    assert 150 < sum(p is None for p in plain) < 250  # about half mirrored
+    for size, tfm in ((8, Cutout()), (4, Cutout(4))):
+        for o in tfm(x, split_idx=0):
+            assert (o[0] == 0).sum() == size * size
+
+
+@pytest.mark.parametrize('fn', [lambda x: batch_crop(x, 4, 0.5), lambda x: batch_cutout(x, 8)])
+def test_every_tensor_is_made_on_the_batchs_device(fn):
+    # On the 'meta' device a tensor made on the CPU by mistake cannot be mixed in: the same error CUDA gives.
+    out = fn(torch.empty(4, 3, 32, 32, device='meta'))
+    assert out.device.type == 'meta' and out.shape == (4, 3, 32, 32)
