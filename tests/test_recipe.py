@@ -17,7 +17,7 @@ import lrfind
 from conftest import ROOT, make_folder
 from data import cifar_dls
 from interpret import denorm, interpret, most_confused, plot_confusion, plot_misclassified, top_misclassified
-from train import cifar_learner
+from train import ScaledCrossEntropy, cifar_learner, fit_assignment, one_cycle_kwargs
 
 PAD, SQUARE = 4, 8  # the recipe's reflection padding and Cutout square
 
@@ -123,6 +123,55 @@ def test_the_loss_and_its_activation_scale_the_logits_by_one_eighth(learn):
     assert torch.allclose(learn.loss_func.activation(logits), F.softmax(logits / 8, dim=-1))
 
 
+def test_the_losss_own_defaults_and_settings_reach_cross_entropy():
+    torch.manual_seed(0)
+    logits, y = torch.randn(16, 10) * 20, torch.randint(0, 10, (16,))
+    assert torch.allclose(ScaledCrossEntropy()(logits, y), F.cross_entropy(logits / 8, y))  # ×0.125, no smoothing
+    assert torch.allclose(ScaledCrossEntropy(label_smoothing=0.1)(logits, y),
+                          F.cross_entropy(logits / 8, y, label_smoothing=0.1))
+    assert torch.allclose(ScaledCrossEntropy(reduction='sum')(logits, y), F.cross_entropy(logits / 8, y, reduction='sum'))
+    with pytest.raises(TypeError, match="keyword argument 'reduce_to'"):  # a call's keywords reach torch, as fastai's do
+        ScaledCrossEntropy()(logits, y, reduce_to='sum')
+    z = torch.randn(2, 3, 10)  # a softmax over the classes, the last axis, whatever the batch's shape
+    assert torch.allclose(ScaledCrossEntropy(scale=0.5).activation(z), F.softmax(z / 2, dim=-1))
+
+
+def test_the_learners_settings_reach_fastai(tiny_dls, tmp_path):
+    from fastai.callback.core import Callback
+    from fastai.metrics import accuracy
+    from train import BF16, ChannelsLastBatches, DeviceAvgMetric
+
+    class Probe(Callback): pass
+    set_seed(0)
+    default = cifar_learner(tiny_dls)
+    assert default.path == Path('.') and default.model_dir == '.'  # checkpoints beside the run's files, not in models/
+    assert [type(m) for m in default.metrics] == [DeviceAvgMetric] and default.metrics[0].func is accuracy
+    assert default.recorder.train_metrics is True  # train_accuracy, a column of metrics.csv
+    assert not any(isinstance(cb, (BF16, ChannelsLastBatches)) for cb in default.cbs)  # fp32, contiguous by default
+    model, probe = default.model, Probe()
+    learn = cifar_learner(tiny_dls, model=model, path=tmp_path, cbs=[probe], label_smoothing=0.1, precision='bf16',
+                          channels_last=True)
+    assert learn.model is model and learn.path == tmp_path and probe in learn.cbs
+    assert sum(isinstance(cb, BF16) for cb in learn.cbs) == sum(isinstance(cb, ChannelsLastBatches) for cb in learn.cbs) == 1
+    learn.save('weights')
+    assert (tmp_path / 'weights.pth').is_file()
+    torch.manual_seed(0)
+    logits, y = torch.randn(16, 10) * 20, torch.randint(0, 10, (16,))
+    assert torch.allclose(learn.loss_func(logits, y), F.cross_entropy(logits / 8, y, label_smoothing=0.1))
+    with pytest.raises(ValueError) as e: cifar_learner(tiny_dls, precision='fp16')
+    assert str(e.value) == "precision must be one of fp32, bf16, got 'fp16'"
+
+
+def test_fit_assignment_is_fastais_fit_one_cycle_on_the_assignments_schedule(learn, monkeypatch):
+    calls = []
+    monkeypatch.setattr(learn, 'fit_one_cycle', lambda *a, **kw: calls.append((a, kw)))
+    cbs = [object()]
+    fit_assignment(learn, 24, 0.01, 0.4, cbs=cbs, wd=0.)
+    fit_assignment(learn, 2, 0.01, 0.4)
+    assert calls == [((24,), dict(cbs=cbs, wd=0., **one_cycle_kwargs(0.01, 0.4))),
+                     ((2,), dict(cbs=None, **one_cycle_kwargs(0.01, 0.4)))]
+
+
 # ---- what the interpretation shows ------------------------------------------------------------------------------
 
 def test_the_misclassified_shown_are_the_highest_loss_mistakes_highest_first():
@@ -137,12 +186,16 @@ def test_most_confused_are_the_largest_off_diagonal_counts_largest_first():
     cm = np.array([[50, 3, 9], [1, 40, 0], [7, 20, 30]])
     assert most_confused(cm, ['a', 'b', 'c'], k=3) == [('c', 'b', 20), ('a', 'c', 9), ('c', 'a', 7)]
     assert most_confused(cm, ['a', 'b', 'c'])[-1] == ('b', 'a', 1) and len(most_confused(cm, ['a', 'b', 'c'])) == 5
+    full = np.arange(16).reshape(4, 4)  # 12 pairs off the diagonal: ten by default
+    assert [n for _, _, n in most_confused(full, list('abcd'))] == [14, 13, 12, 11, 9, 8, 7, 6, 4, 3]
 
 
 def test_denorm_inverts_the_normalization():
     x = torch.randint(0, 256, (2, 3, 4, 5), dtype=torch.uint8)
     img = denorm(normalized(x))
     assert img.shape == (2, 4, 5, 3) and np.allclose(img, x.permute(0, 2, 3, 1).numpy() / 255, atol=1e-6)
+    # values outside the data's range (an adversarial or interpolated input) are clipped for display
+    assert (denorm(torch.full((1, 3, 2, 2), 9.)) == 1).all() and (denorm(torch.full((1, 3, 2, 2), -9.)) == 0).all()
 
 
 def test_interpret_keeps_fastais_predictions_and_confusion_matrix(learn, tmp_path):
@@ -202,6 +255,7 @@ def hand_curve():
 
 def test_the_rules_suggestions_mark_the_curve_where_fastai_plots_them():
     lrs, losses = hand_curve()
+    losses[0] = 2.4  # a first point unlike the rest: a marker read off the wrong point shows
     c = lrfind.curve_rule(lrs, losses)
     for f, lr in ((lrfind.lrmin, c.lr_min), (lrfind.lrmax, c.lr_max)):
         got, (x, y) = f(lrs, losses, 71)

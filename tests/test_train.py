@@ -13,7 +13,7 @@ from conftest import make_folder
 from data import cifar_dls
 from report import read_csv
 from callbacks import RunLog
-from lrfind import FinderError, curve_rule, find_lrs, from_curve, lrmax, lrmin
+from lrfind import FinderError, curve_rule, find_lrs, from_curve, lrmax, lrmin, trim
 from train import PEAK, cifar_learner, fit_assignment, one_cycle_kwargs
 
 LR_MIN, LR_MAX = 0.01, 0.4
@@ -115,20 +115,89 @@ def test_the_rule_on_a_curve_solved_by_hand():
 
 @pytest.mark.parametrize('lrs,losses,lr_min,why', [
     # the loss only rises: its lowest point is the first, and LRMIN falls back to LRMAX/100
-    ([1e-3, 1e-2, 1e-1, 1], [2.0, 2.1, 2.2, 2.3], 1e-5, 'no descent before the lowest loss'),
+    ([1e-3, 1e-2, 1e-1, 1], [2.0, 2.1, 2.2, 2.3], 1e-5, 'LRMAX/100 (no descent before the lowest loss)'),
     # a descent that begins within a decade of the bottom is kept at LRMAX/100
-    ([1e-3, 1e-2, 3e-2, 1e-1, 1], [2.3, 2.3, 2.3, 1.0, 2.0], 1e-3, 'the descent began above it'),
+    ([1e-3, 1e-2, 3e-2, 1e-1, 1], [2.3, 2.3, 2.3, 1.0, 2.0], 1e-3, 'LRMAX/100 (the descent began above it)'),
+    # ... read at the last point above the threshold, not an earlier one inside the range
+    ([1e-4, 1e-3, 5e-3, 5e-2, 1], [2.3, 2.3, 2.3, 2.3, 1.0], 1e-2, 'LRMAX/100 (the descent began above it)'),
     # a descent that begins more than three decades below the bottom is kept at LRMAX/1000
-    ([1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], [2.3, 2.3, 2.2, 2.0, 1.8, 1.5, 1.0], 1e-4, 'the descent began below it'),
+    ([1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], [2.3, 2.3, 2.2, 2.0, 1.8, 1.5, 1.0], 1e-4, 'LRMAX/1000 (the descent began below it)'),
+    # ... read at the last point above the threshold, not an earlier one below the range
+    ([1e-4, 5e-3, 1], [2.3, 2.3, 1.0], 5e-3, 'start of the descent (5% of the drop)'),
+    # a descent that begins exactly at LRMAX/100 or LRMAX/1000 is inside the range (LRMAX is exactly 1 here)
+    ([1e-5, 1e-4, 1e-3, 1e-2, 1], [2.3, 2.3, 2.3, 2.3, 1.0], 1e-2, 'start of the descent (5% of the drop)'),
+    ([1e-6, 1e-5, 1e-4, 1e-3, 1], [2.3, 2.3, 2.3, 2.3, 1.0], 1e-3, 'start of the descent (5% of the drop)'),
 ])
 def test_the_rules_guards(lrs, losses, lr_min, why):
     c = curve_rule(*curve(lrs, losses))
-    assert c.lr_min == pytest.approx(lr_min) and why in c.rule and c.lr_min < c.lr_max
+    assert c.lr_min == pytest.approx(lr_min) and c.lr_min < c.lr_max
+    assert c.rule.startswith(f'LRMIN = {why}; LRMAX = ')
+    assert c.plateau == losses[0]  # under 8 points, the curve's "first quarter" is its first point
+
+
+def test_the_rules_words_and_construction():
+    t = np.linspace(-6, 1, 71)
+    c = curve_rule(*curve(10 ** t, np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2)))
+    assert c.rule == 'LRMIN = start of the descent (5% of the drop); LRMAX = vertex of a parabola fitted around the lowest loss'
+    lo, hi, a, b, k = c.fit  # the bowl itself: 0.06·t² + 0.12·t + 1.96, fitted over the half decade either side of 0.1
+    assert (lo, hi) == pytest.approx((10 ** -1.5, 10 ** -0.5)) and (a, b, k) == pytest.approx((0.06, 0.12, 1.96))
+    # two points: no parabola, the lower one is LRMAX
+    two = curve_rule(*curve([0.7, 1.4], [2.0, 1.0]))
+    assert two.lr_max == 1.4 and two.fit == ()
+    assert two.rule.endswith('; LRMAX = the lowest loss (too few points or no bowl to fit)')
+
+
+def test_the_parabola_takes_every_point_within_half_a_decade_and_needs_three():
+    # 1 and 10**±0.5: exactly half a decade apart in float64 too, so these three, and only these, are fitted
+    lrs, losses = [1e-4, 1e-3, 1e-2, 10 ** -0.5, 1., 10 ** 0.5], [2.3, 2.3, 2.3, 1.5, 1.0, 1.6]
+    c = curve_rule(*curve(lrs, losses))
+    assert c.fit[:2] == (10 ** -0.5, 10 ** 0.5) and 'LRMAX = vertex of a parabola' in c.rule
+    assert c.lr_max == pytest.approx(10 ** (-0.1 / 4.4))  # a = 2.2, b = 0.1: the vertex at t = -b / 2a
+
+
+def test_a_point_at_the_threshold_is_still_before_the_descent():
+    t = np.linspace(-6, 1, 71)
+    losses = np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2)
+    losses[25] = 2.3 - 0.05 * (2.3 - 1.9)  # t = -3.5, just past the hand-solved LRMIN (t = -3.6): now exactly at the threshold
+    c = curve_rule(*curve(10 ** t, losses))
+    assert c.threshold == losses[25] and c.lr_min == pytest.approx(10 ** -3.5)
+
+
+def test_the_rule_reads_a_float32_curve_in_float64():
+    # trim() hands over fastai's float32 tensors: the rule's arithmetic is float64's whatever it is given
+    t = np.linspace(-6, 1, 71)
+    lrs, losses = torch.tensor(10 ** t, dtype=torch.float32), torch.tensor(np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2),
+                                                                          dtype=torch.float32)
+    assert curve_rule(lrs, losses) == curve_rule(lrs.double().numpy(), losses.double().numpy())
+    assert curve_rule(lrs, losses.double().numpy()) == curve_rule(lrs.double().numpy(), losses)
 
 
 def test_a_curve_too_short_is_a_finder_error():
     with pytest.raises(FinderError, match='1 usable point'): curve_rule(*curve([1e-3], [2.3]))
-    with pytest.raises(FinderError, match='--lr-min and --lr-max'): from_curve([1e-3] * 8, [float('nan')] * 8, 8)
+    with pytest.raises(FinderError) as e: from_curve([1e-3] * 8, [float('nan')] * 8, 8)
+    assert str(e.value) == ('lr_find could not choose LRs: the finder curve has 0 usable point(s); it needs at least 2; '
+                            'pass --lr-min and --lr-max, or give the finder more steps (--find-iters) or more data (--subset)')
+
+
+def test_trim_cuts_the_curve_at_its_first_nan():
+    lrs, losses = list(range(1, 31)), [2.0] * 30
+    losses[15] = losses[20] = float('nan')
+    tl, tv = trim(lrs, losses, 30)  # drops the first tenth (3) and the last 5, then stops before index 15
+    assert tl.tolist() == lrs[3:15] and tv.tolist() == losses[3:15]
+
+
+def test_find_lrs_asks_fastai_for_the_readmes_finder_and_no_suggestion(micro, monkeypatch):
+    learn, asked = learner(micro, bs=5), {}
+    def lr_find(**kw):
+        asked.update(kw)
+        t = np.linspace(-7, 1, kw['num_it'])
+        learn.recorder.lrs, learn.recorder.losses = list(10 ** t), list(np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2))
+    monkeypatch.setattr(learn, 'lr_find', lr_find)
+    found = find_lrs(learn)
+    # fastai's own suggestion (valley) would be computed and plotted for nothing: the rule and `suggest` read the curve
+    assert asked == dict(start_lr=1e-7, end_lr=10, num_it=100, show_plot=False, suggest_funcs=None)
+    assert found.num_it == 100 and len(found.lrs) == 100
+    assert from_curve(found.lrs, found.losses, 100).seconds == 0.  # a curve read again later took no time
 
 
 def test_fastai_lr_find_shows_the_rule_as_two_suggestions(micro):
