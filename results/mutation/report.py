@@ -88,7 +88,7 @@ def main():
         if st in KILLED: rows[module]['killed'] += 1; continue
         lines = diff(name)
         why = 'docstring only' if docstring_only(lines) else EQUIVALENT.get(name)
-        rows[module]['equivalent' if why else 'survived'] += 1
+        rows[module]['equivalent' if why else 'not explained'] += 1
         notes.append((name, st, why or 'NOT EXPLAINED: needs a test', lines))
     text = ['# Mutation testing of the recipe modules', '',
             'Made by `mutmut run` (README, Tests; the `[mutmut]` section of setup.cfg) and then '
@@ -96,11 +96,11 @@ def main():
             'in-scope functions was run against the fast tests that call it. Score = killed / (mutants run − '
             'equivalent ones). A mutant is equivalent when it changes only a docstring, or for the reason written '
             'beside it; one marked NOT EXPLAINED still needs a test or a reason.', '',
-            '| module | mutants run | killed | equivalent | survived | not run | score |', '|---|---|---|---|---|---|---|']
+            '| module | mutants run | killed | equivalent (survived) | survived, not explained | not run | score |', '|---|---|---|---|---|---|---|']
     for module, c in sorted(rows.items()):
-        run = c['killed'] + c['equivalent'] + c['survived']
+        run = c['killed'] + c['equivalent'] + c['not explained']
         score = f"{100 * c['killed'] / (run - c['equivalent']):.1f}%" if run > c['equivalent'] else '–'
-        text.append(f"| `{module}` | {run} | {c['killed']} | {c['equivalent']} | {c['survived']} | {c['not run']} | {score} |")
+        text.append(f"| `{module}` | {run} | {c['killed']} | {c['equivalent']} | {c['not explained']} | {c['not run']} | {score} |")
     text += ['', 'Every in-scope mutant with its verdict: [status.txt](status.txt).', '',
              '## Every mutant that survived, and why', '']
     for name, st, why, lines in notes:
