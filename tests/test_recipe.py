@@ -14,7 +14,7 @@ from fastai.torch_core import set_seed
 from fastai.vision.core import cifar_stats
 
 import lrfind
-from conftest import ROOT, make_folder
+from conftest import ROOT, hand_curve, make_folder
 from data import cifar_dls
 from interpret import denorm, interpret, most_confused, plot_confusion, plot_misclassified, top_misclassified
 from train import ScaledCrossEntropy, cifar_learner, fit_assignment, one_cycle_kwargs
@@ -246,12 +246,6 @@ def test_the_readmes_lr_table_is_what_the_rule_gives_on_the_h100_curves():
 
 
 # ---- what the finder reports ----------------------------------------------------------------------------------------
-
-def hand_curve():
-    "The curve of tests/test_train.py's hand-solved case: a plateau at 2.3, then a bowl with its bottom at LR 0.1."
-    t = np.linspace(-6, 1, 71)
-    return 10 ** t, np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2)
-
 
 def test_the_rules_suggestions_mark_the_curve_where_fastai_plots_them():
     lrs, losses = hand_curve()

@@ -9,7 +9,7 @@ import torch
 from fastai.callback.schedule import combined_cos
 from fastai.torch_core import set_seed
 
-from conftest import make_folder
+from conftest import hand_curve, make_folder
 from data import cifar_dls
 from report import read_csv
 from callbacks import RunLog
@@ -104,9 +104,7 @@ def curve(lrs, losses):
 
 
 def test_the_rule_on_a_curve_solved_by_hand():
-    t = np.linspace(-6, 1, 71)  # log10 LR, 10 points a decade
-    loss = np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2)  # a plateau at 2.3, then a bowl with its bottom, 1.9, at t = -1
-    c = curve_rule(*curve(10 ** t, loss))
+    c = curve_rule(*curve(*hand_curve()))
     assert c.lr_max == pytest.approx(0.1)  # the parabola through the bowl is the bowl itself
     assert c.plateau == pytest.approx(2.3) and c.threshold == pytest.approx(2.3 - 0.05 * 0.4)
     # 1.9 + 0.06·(t+1)² ≥ 2.28 for t ≤ -3.517: the last such point of the grid, t = -3.6, is LRMIN (LRMAX/398)
@@ -136,8 +134,7 @@ def test_the_rules_guards(lrs, losses, lr_min, why):
 
 
 def test_the_rules_words_and_construction():
-    t = np.linspace(-6, 1, 71)
-    c = curve_rule(*curve(10 ** t, np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2)))
+    c = curve_rule(*curve(*hand_curve()))
     assert c.rule == 'LRMIN = start of the descent (5% of the drop); LRMAX = vertex of a parabola fitted around the lowest loss'
     lo, hi, a, b, k = c.fit  # the bowl itself: 0.06·t² + 0.12·t + 1.96, fitted over the half decade either side of 0.1
     assert (lo, hi) == pytest.approx((10 ** -1.5, 10 ** -0.5)) and (a, b, k) == pytest.approx((0.06, 0.12, 1.96))
@@ -156,18 +153,15 @@ def test_the_parabola_takes_every_point_within_half_a_decade_and_needs_three():
 
 
 def test_a_point_at_the_threshold_is_still_before_the_descent():
-    t = np.linspace(-6, 1, 71)
-    losses = np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2)
+    lrs, losses = hand_curve()
     losses[25] = 2.3 - 0.05 * (2.3 - 1.9)  # t = -3.5, just past the hand-solved LRMIN (t = -3.6): now exactly at the threshold
-    c = curve_rule(*curve(10 ** t, losses))
+    c = curve_rule(*curve(lrs, losses))
     assert c.threshold == losses[25] and c.lr_min == pytest.approx(10 ** -3.5)
 
 
 def test_the_rule_reads_a_float32_curve_in_float64():
     # trim() hands over fastai's float32 tensors: the rule's arithmetic is float64's whatever it is given
-    t = np.linspace(-6, 1, 71)
-    lrs, losses = torch.tensor(10 ** t, dtype=torch.float32), torch.tensor(np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2),
-                                                                          dtype=torch.float32)
+    lrs, losses = (torch.tensor(v, dtype=torch.float32) for v in hand_curve())
     assert curve_rule(lrs, losses) == curve_rule(lrs.double().numpy(), losses.double().numpy())
     assert curve_rule(lrs, losses.double().numpy()) == curve_rule(lrs.double().numpy(), losses)
 
@@ -190,8 +184,8 @@ def test_find_lrs_asks_fastai_for_the_readmes_finder_and_no_suggestion(micro, mo
     learn, asked = learner(micro, bs=5), {}
     def lr_find(**kw):
         asked.update(kw)
-        t = np.linspace(-7, 1, kw['num_it'])
-        learn.recorder.lrs, learn.recorder.losses = list(10 ** t), list(np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2))
+        lrs, losses = hand_curve(np.linspace(-7, 1, kw['num_it']))
+        learn.recorder.lrs, learn.recorder.losses = list(lrs), list(losses)
     monkeypatch.setattr(learn, 'lr_find', lr_find)
     found = find_lrs(learn)
     # fastai's own suggestion (valley) would be computed and plotted for nothing: the rule and `suggest` read the curve
