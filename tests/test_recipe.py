@@ -222,25 +222,25 @@ def test_interpret_reads_the_loader_it_is_given(learn):
     assert interp.dl is dl and len(interp.targs) == len(interp.losses) == interp.cm.sum() == 60
 
 
-# ---- the README's LR table ----------------------------------------------------------------------------------------
+# ---- docs/recipe.md's LR table ------------------------------------------------------------------------------------
 
 CURVES = json.loads((Path(__file__).parent / 'data' / 'lr_find-curves-h100.json').read_text())
 ROW = re.compile(r'^\| (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \| (\d+) \|$', re.M)
 
 
-def readme_table():
-    "The README's table of the rule on the five H100 curves: seed → (slide, minimum, valley, LRMIN, LRMAX, ratio)."
-    return {int(m[0]): m[1:] for m in ROW.findall((ROOT / 'README.md').read_text())}
+def docs_table():
+    "docs/recipe.md's table of the rule on the five H100 curves: seed → (slide, minimum, valley, LRMIN, LRMAX, ratio)."
+    return {int(m[0]): m[1:] for m in ROW.findall((ROOT / 'docs' / 'recipe.md').read_text())}
 
 
-def test_the_readmes_lr_table_is_what_the_rule_gives_on_the_h100_curves():
-    table = readme_table()
+def test_the_docs_lr_table_is_what_the_rule_gives_on_the_h100_curves():
+    table = docs_table()
     assert sorted(table) == [r['seed'] for r in CURVES['runs']] == [0, 1, 2, 3, 4]
     for run in CURVES['runs']:
         found = lrfind.from_curve(run['lrs'], run['losses'], CURVES['num_it'])
         s = found.suggestions
         want = [s['slide'], s['minimum'], s['valley'], found.lr_min, found.lr_max]
-        # The README rounds to 3 significant digits (0.00120), the ratio to a whole number.
+        # The page rounds to 3 significant digits (0.00120), the ratio to a whole number.
         assert [float(v) for v in table[run['seed']][:5]] == [float(f'{v:.3g}') for v in want]
         assert int(table[run['seed']][5]) == round(found.lr_max / found.lr_min)
 
@@ -283,12 +283,12 @@ def test_the_finders_record_and_its_line():
     assert lrfind.describe({'valley': 0.01234}) == 'valley 0.0123'
 
 
-def test_the_finders_defaults_are_the_readmes():
-    # "fastai's lr_find (100 steps from 1e-7 to 10)": the README's words, which a full finder run is too slow to test.
+def test_the_finders_defaults_are_the_docs():
+    # "fastai's lr_find (100 steps from 1e-7 to 10)": docs/recipe.md's words, which a full finder run is too slow to test.
     import inspect
     defaults = {k: p.default for k, p in inspect.signature(lrfind.find_lrs).parameters.items() if k != 'learn'}
     assert defaults == dict(num_it=100, start_lr=1e-7, end_lr=10)
-    assert '(100 steps from 1e-7 to 10)' in (ROOT / 'README.md').read_text()
+    assert '(100 steps from 1e-7 to 10)' in (ROOT / 'docs' / 'recipe.md').read_text()
 
 
 def test_a_suggestion_the_curve_is_too_short_for_is_nan():
