@@ -1,5 +1,5 @@
 """Training on top of fastai: the learner, the assignment's one-cycle, random streams, several processes."""
-import os, random
+import os, platform, random, warnings
 from contextlib import contextmanager
 from functools import partial
 
@@ -21,7 +21,8 @@ from fastcore.basics import PrettyString
 from arch import custom_resnet, model_summary
 from cli import UsageError
 
-__all__ = ['PEAK', 'PRECISIONS', 'ScaledCrossEntropy', 'CifarLearner', 'cifar_learner', 'BF16', 'ChannelsLastBatches',
+__all__ = ['PEAK', 'PRECISIONS', 'cpu_bf16_unit', 'auto_precision', 'device_name', 'ScaledCrossEntropy', 'CifarLearner',
+           'cifar_learner', 'BF16', 'ChannelsLastBatches',
            'DeviceAvgMetric', 'DeviceAvgLoss', 'DeviceSmoothLoss', 'HostLosses', 'LeanProgress', 'use_cudnn',
            'rng_state', 'set_rng_state', 'one_cycle_kwargs', 'fit_assignment', 'distributed', 'single_process', 'broadcast']
 
@@ -38,7 +39,42 @@ class ScaledCrossEntropy(CrossEntropyLossFlat):
     def activation(self, x): return F.softmax(x * self.scale, dim=-1)  # the assignment's SoftMax, as trained
 
 
-PRECISIONS = ('fp32', 'bf16')
+PRECISIONS = ('auto', 'fp32', 'bf16')
+
+
+def cpu_bf16_unit():
+    "The unit this CPU runs bf16 arithmetic on natively, 'AMX' or 'AVX-512 BF16', or None."
+    # torch reads the CPUID flags (amx_tile, avx512_bf16 in /proc/cpuinfo); without one of them oneDNN emulates bf16
+    # in fp32 units, slower than fp32 itself.
+    if not torch.backends.mkldnn.is_available(): return None
+    if torch.cpu._is_amx_tile_supported(): return 'AMX'
+    if torch.cpu._is_avx512_bf16_supported(): return 'AVX-512 BF16'
+    return None
+
+
+def device_name(device):
+    "The GPU's name, or the CPU's model name with its core count (from /proc/cpuinfo where there is one)."
+    device = torch.device(device)
+    if device.type == 'cuda': return torch.cuda.get_device_name(device)
+    if device.type != 'cpu': return device.type
+    try: model = next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): model = platform.processor() or 'CPU'
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+    return f'{model}, {cores} cores'
+
+
+def auto_precision(device):
+    "`(precision, channels_last, why)` for `device`: bf16 autocast and channels-last where it runs bf16 natively, else fp32."
+    device = torch.device(device)
+    if device.type == 'cuda':
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False): return 'bf16', True, f'{name} runs bf16 natively'
+        return 'fp32', False, f'{name} has no native bf16'
+    if device.type == 'cpu':
+        unit = cpu_bf16_unit()
+        if unit: return 'bf16', True, f'this CPU has {unit}'
+        return 'fp32', False, 'this CPU has neither AMX nor AVX-512 BF16'
+    return 'fp32', False, f'bf16 on {device.type} is not known to be native'
 
 
 class CifarLearner(Learner):
@@ -50,12 +86,16 @@ class CifarLearner(Learner):
 def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_smoothing=0., path='.', cbs=None,
                   precision='fp32', channels_last=False):
     "A fastai `Learner` for `custom_resnet` with the cifar10-fast optimizer: SGD, Nesterov momentum, L2 weight decay."
+    # precision: 'fp32', 'bf16' (autocast), or 'auto': bf16 and channels-last where `dls.device` runs bf16 natively.
     # cifar10-fast (Page, 2018) reached 94% in 24 epochs with this optimizer, on a near twin of this network (it pools
     # after BN and ReLU, the assignment before) and a piecewise-linear schedule to 0 (ours is cosine, back to LRMIN):
     # torch SGD, Nesterov momentum 0.9 held constant, and L2 decay 5e-4 on every weight, BN included.
     # fastai's own SGD has no Nesterov, so torch's is wrapped; `moms` pins fastai's momentum schedule flat.
     # `weight_decay` is set at build time too, so the optimizer is the recipe's from `create_opt()` on, not from `fit`.
     if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+    if precision == 'auto':
+        precision, native_layout, _ = auto_precision(dls.device)
+        channels_last = channels_last or native_layout
     opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=mom, nesterov=True, weight_decay=wd)
     learn = CifarLearner(dls, model if model is not None else custom_resnet(len(dls.vocab)), opt_func=opt_func,
                          loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=DeviceAvgMetric(accuracy),
@@ -82,8 +122,11 @@ class BF16(MixedPrecision):
     def __init__(self): super().__init__(amp_mode=AMPMode.BF16)
 
     def before_fit(self):
-        super().before_fit()
-        # fastai hard-codes CUDA autocast, which on a CPU only warns and trains in fp32.
+        # fastai hard-codes CUDA autocast, which on a CPU warns and trains in fp32: its warning is about the autocast
+        # replaced on the next line, so it is not shown.
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='CUDA is not available', category=UserWarning)
+            super().before_fit()
         self.autocast = torch.autocast(self.dls.device.type, dtype=torch.bfloat16)
 
 

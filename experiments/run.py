@@ -22,7 +22,8 @@ from callbacks import (ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load
                        truncate_logs)
 from lrfind import find_lrs
 from predict import export_learner
-from train import PEAK, PRECISIONS, broadcast, cifar_learner, distributed, fit_assignment, single_process, use_cudnn
+from train import (PEAK, PRECISIONS, auto_precision, broadcast, cifar_learner, device_name, distributed, fit_assignment,
+                   single_process, use_cudnn)
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Settings:
     lr_max: float = None
     device: str = None
     find_iters: int = 100
-    precision: str = 'fp32'
+    precision: str = 'auto'
     channels_last: bool = False
     deterministic: bool = False
     tensorboard: bool = False
@@ -79,6 +80,16 @@ def pick_device(device):
     return torch_device(device)
 
 
+def resolve_precision(s, dev):
+    "`Settings` s with --precision auto made concrete for `dev` (what --resume then reads back), and how it was chosen."
+    if s.precision != 'auto':
+        return s, f'{s.precision}{" + channels-last" if s.channels_last else ""} (as asked)'
+    precision, channels_last, why = auto_precision(dev)
+    s = replace(s, precision=precision, channels_last=s.channels_last or channels_last)
+    chosen = 'bf16 autocast' if precision == 'bf16' else 'fp32'
+    return s, f'{chosen}{" + channels-last" if s.channels_last else ""} (auto: {why})'
+
+
 def check_out(out):
     "The run folder to create (default runs/<timestamp>), checked before any work: an existing run is never overwritten."
     out = Path(out) if out else ROOT / 'runs' / datetime.now().strftime('%Y%m%d-%H%M%S')
@@ -105,6 +116,8 @@ def run(s):
     if s.bs % world: raise UsageError(f'--bs {s.bs} does not split evenly over {world} processes')
     dev = pick_device(s.device)
     out = check_out(s.out) if main else None  # only rank 0 writes
+    s, precision = resolve_precision(s, dev)
+    if main: print(f'precision: {precision}', flush=True)
     s = replace(s, seed=s.seed if s.seed is not None else random.SystemRandom().randrange(2 ** 31))
     set_seed(s.seed, reproducible=s.deterministic)
     use_cudnn(s.deterministic)
@@ -112,8 +125,8 @@ def run(s):
     # --bs is the global batch: each of `world` processes takes its share of every batch.
     with on_interrupt(lambda: 'interrupted while loading the data; nothing was saved'):
         dls = cifar_dls(s.data, bs=s.bs // world, subset=s.subset, device=dev, seed=s.seed, verbose=main)
-    config = dict(asdict(s), out=str(out), classes=list(dls.vocab), device=str(dev), processes=world,
-                  device_name=torch.cuda.get_device_name(dev) if dev.type == 'cuda' else platform.processor() or 'cpu',
+    config = dict(asdict(s), precision_choice=precision, out=str(out), classes=list(dls.vocab), device=str(dev), processes=world,
+                  device_name=device_name(dev),
                   versions=dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
                                 fastcore=fastcore.__version__),
                   torch_threads=torch.get_num_threads(), git_commit=git_commit(), command=' '.join(sys.argv),
@@ -307,8 +320,8 @@ def main(epochs: int = 24,       # training epochs; the LR peaks after 5/24 of t
          lr_max: float = None,   # LRMAX, the schedule's peak
          device: str = None,     # torch device, e.g. cuda, cuda:1, cpu (default: the GPU if there is one)
          find_iters: int = 100,  # lr_find's mock-training steps
-         precision: str = 'fp32',  # fp32, or bf16 autocast (on a GPU: faster, with loss and weights in fp32)
-         channels_last: store_true = False,  # channels-last memory layout (on a GPU: faster convolutions)
+         precision: str = 'auto',  # auto (bf16 + channels-last on bf16 GPUs and AMX / AVX-512 BF16 CPUs, else fp32), fp32, bf16
+         channels_last: store_true = False,  # channels-last memory layout (faster convolutions; auto adds it with bf16)
          deterministic: store_true = False,  # repeatable GPU runs: fixed cuDNN algorithms, no benchmark search
          tensorboard: store_true = False,  # also log to runs/<stamp>/tensorboard: watch with `tensorboard --logdir runs`
          resume: str = None,     # a killed run's folder: continue it from its last finished epoch (with --device: there)

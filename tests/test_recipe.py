@@ -159,7 +159,7 @@ def test_the_learners_settings_reach_fastai(tiny_dls, tmp_path):
     logits, y = torch.randn(16, 10) * 20, torch.randint(0, 10, (16,))
     assert torch.allclose(learn.loss_func(logits, y), F.cross_entropy(logits / 8, y, label_smoothing=0.1))
     with pytest.raises(ValueError) as e: cifar_learner(tiny_dls, precision='fp16')
-    assert str(e.value) == "precision must be one of fp32, bf16, got 'fp16'"
+    assert str(e.value) == "precision must be one of auto, fp32, bf16, got 'fp16'"
 
 
 def test_fit_assignment_is_fastais_fit_one_cycle_on_the_assignments_schedule(learn, monkeypatch):

@@ -11,10 +11,11 @@ from fastai.torch_core import set_seed
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+import train
 from conftest import make_folder, run_here, run_script
 from data import cifar_dls
 from callbacks import Diverged, RunLog, StopOnDivergence
-from train import BF16, HostLosses, LeanProgress, cifar_learner, fit_assignment
+from train import BF16, ChannelsLastBatches, HostLosses, LeanProgress, auto_precision, cifar_learner, fit_assignment
 
 
 @pytest.fixture(scope='module')
@@ -174,5 +175,95 @@ def test_run_records_the_speed_flags(folder, tmp_path):
 
 def test_an_unknown_precision_is_one_line(folder, tmp_path, capsys):
     code, err = run_here(capsys, 'experiments/run.py', '--data', folder, '--precision', 'fp16', '--out', tmp_path / 'run')
-    assert code == 2 and "--precision must be one of fp32, bf16, got 'fp16'" in err
+    assert code == 2 and "--precision must be one of auto, fp32, bf16, got 'fp16'" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'run').exists()
+
+
+# ---- --precision auto: bf16 + channels-last where the device runs bf16 natively, fp32 elsewhere --------------------
+
+def fake_cpu(monkeypatch, amx=False, avx512_bf16=False, onednn=True):
+    "This process's CPU as torch sees it: its AMX and AVX-512 BF16 flags, and whether oneDNN is built in."
+    monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda: amx)
+    monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda: avx512_bf16)
+    monkeypatch.setattr(torch.backends.mkldnn, 'is_available', lambda: onednn)
+
+
+@pytest.mark.parametrize('flags, chosen', [
+    (dict(amx=True, avx512_bf16=True), ('bf16', True, 'this CPU has AMX')),
+    (dict(amx=False, avx512_bf16=True), ('bf16', True, 'this CPU has AVX-512 BF16')),
+    (dict(amx=False, avx512_bf16=False), ('fp32', False, 'this CPU has neither AMX nor AVX-512 BF16')),
+    # oneDNN runs PyTorch's bf16 convolutions on a CPU: without it the units sit idle.
+    (dict(amx=True, avx512_bf16=True, onednn=False), ('fp32', False, 'this CPU has neither AMX nor AVX-512 BF16'))])
+def test_auto_precision_on_a_cpu(monkeypatch, flags, chosen):
+    fake_cpu(monkeypatch, **flags)
+    assert auto_precision('cpu') == chosen
+
+
+@pytest.mark.parametrize('native, chosen', [(True, ('bf16', True, 'GPU X runs bf16 natively')),
+                                            (False, ('fp32', False, 'GPU X has no native bf16'))])
+def test_auto_precision_on_a_gpu(monkeypatch, native, chosen):
+    asked = []
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation  # a pre-Ampere GPU: bf16 only emulated
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda d=None: 'GPU X')
+    fake_cpu(monkeypatch, amx=True, avx512_bf16=True)  # the host CPU's units don't count for a GPU
+    assert auto_precision('cuda') == chosen and asked == [False]
+
+
+def test_auto_precision_elsewhere_is_fp32(monkeypatch):
+    fake_cpu(monkeypatch, amx=True, avx512_bf16=True)
+    assert auto_precision('mps') == ('fp32', False, 'bf16 on mps is not known to be native')
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_a_learner_on_auto(folder, monkeypatch, native):
+    fake_cpu(monkeypatch, avx512_bf16=native)
+    cbs = {type(cb) for cb in learner(folder, precision='auto').cbs}
+    assert (BF16 in cbs, ChannelsLastBatches in cbs) == (native, native)
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_run_defaults_to_auto_and_records_its_choice(folder, tmp_path, capsys, monkeypatch, native):
+    fake_cpu(monkeypatch, avx512_bf16=native)
+    out = tmp_path / 'run'
+    code, _ = run_here(capsys, 'experiments/run.py', '--data', folder, '--epochs', 1, '--bs', 10, '--lr-min', 0.01,
+                       '--lr-max', 0.1, '--device', 'cpu', '--out', out, '--seed', 0)
+    assert code == 0
+    config = json.loads((out / 'config.json').read_text())
+    said = ('bf16 autocast + channels-last (auto: this CPU has AVX-512 BF16)' if native else
+            'fp32 (auto: this CPU has neither AMX nor AVX-512 BF16)')
+    assert (config['precision'], config['channels_last'], config['precision_choice']) == (
+        ('bf16', True, said) if native else ('fp32', False, said))
+
+
+def test_auto_on_this_machine(folder, tmp_path):
+    "Unfaked, in a fresh process: the run trains with what auto_precision says of this machine's CPU."
+    out = tmp_path / 'run'
+    r = run_script('experiments/run.py', '--data', folder, '--epochs', 1, '--bs', 10, '--lr-min', 0.01, '--lr-max', 0.1,
+                   '--device', 'cpu', '--out', out)
+    assert r.returncode == 0, r.stderr
+    assert 'UserWarning' not in r.stderr  # fastai's "CUDA is not available" warning of its own autocast is not shown
+    config = json.loads((out / 'config.json').read_text())
+    precision, channels_last, why = auto_precision('cpu')
+    assert (config['precision'], config['channels_last']) == (precision, channels_last) and why in config['precision_choice']
+    assert f"precision: {config['precision_choice']}\n" in r.stdout  # said at the start
+
+
+def test_resume_keeps_the_precision_auto_chose(folder, tmp_path, capsys, monkeypatch):
+    "A run auto made bf16 resumes in bf16 on a machine where auto would say fp32: the run's numbers stay one kind."
+    fake_cpu(monkeypatch, avx512_bf16=True)
+    out = tmp_path / 'run'
+    code, _ = run_here(capsys, 'experiments/run.py', '--data', folder, '--epochs', 2, '--bs', 10, '--lr-min', 0.01,
+                       '--lr-max', 0.1, '--device', 'cpu', '--out', out, '--seed', 0)
+    assert code == 0
+    (out / 'model.pth').unlink()  # as if stopped before its first checkpoint: --resume trains it again from lr_find.json
+    fake_cpu(monkeypatch)  # resumed on a CPU without bf16
+    built = []
+    def spy(*args, **kwargs):
+        built.append((kwargs['precision'], kwargs['channels_last']))
+        return cifar_learner(*args, **kwargs)
+    monkeypatch.setattr(train, 'cifar_learner', spy)
+    code, _ = run_here(capsys, 'experiments/run.py', '--resume', out)
+    assert code == 0 and built == [('bf16', True)] and (out / 'model.pth').exists()
