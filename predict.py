@@ -14,11 +14,11 @@ from fastai.vision.data import ImageBlock
 
 from arch import custom_resnet
 from cli import UsageError, torch_device
-from data import SIZE, DataError, scan_folder  # SIZE: the network's input is SIZE×SIZE, as the data's
+from data import SIZE, DataError, cifar_dls, scan_folder  # SIZE: the network's input is SIZE×SIZE, as the data's
 from train import ScaledCrossEntropy, cifar_learner
 
 __all__ = ['CIFAR10_CLASSES', 'SIZE', 'Prediction', 'read_image', 'network_view', 'to_input', 'preprocess', 'predict',
-           'run_classes', 'load_model', 'RGBImage', 'inference_dls', 'export_learner']
+           'run_classes', 'load_model', 'evaluate_run', 'RGBImage', 'inference_dls', 'export_learner']
 
 # CIFAR-10's classes in label order, which is also the sorted order of its folders and so of `dls.vocab`.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -136,6 +136,21 @@ def load_model(run, device=None, data=None):
     # The scale its loss put on the logits, for `predict`'s probabilities; runs before config.json recorded it used 0.125.
     model.logit_scale = json.loads((run / 'config.json').read_text()).get('logit_scale', 0.125)
     return model.to(dev).eval(), run_classes(run, model.head.fc.out_features, data)
+
+
+def evaluate_run(run, data, state=None, device='cpu'):
+    "A run's (test loss, test accuracy) over all its test images in `data`, as its last epoch measured them; `state`: other weights."
+    # fastai's `validate`, with the run's batch size, subset, precision and memory layout: the numbers of its
+    # metrics.csv, so that a shipped model.pth can be checked against them.
+    run = Path(run)
+    config = json.loads((run / 'config.json').read_text())
+    dls = cifar_dls(data, bs=config.get('bs', 512), subset=config.get('subset'), device=device, verbose=False)
+    model, _ = load_model(run, dls.device, data)
+    if state is not None: model.load_state_dict(state)
+    learn = cifar_learner(dls, model, logit_scale=model.logit_scale, precision=config.get('precision', 'fp32'),
+                          channels_last=config.get('channels_last', False))
+    with learn.no_bar(), learn.no_logging(): loss, acc = learn.validate()
+    return float(loss), float(acc)
 
 
 # ---- fastai's way to share a model: learn.export() and load_learner --------------------------------------------
