@@ -21,7 +21,7 @@ from fastcore.basics import PrettyString
 from arch import custom_resnet, model_summary
 from cli import UsageError
 
-__all__ = ['PEAK', 'PRECISIONS', 'cpu_bf16_unit', 'auto_precision', 'device_name', 'ScaledCrossEntropy', 'CifarLearner',
+__all__ = ['PEAK', 'PRECISIONS', 'cpu_bf16_unit', 'auto_precision', 'concrete_precision', 'device_name', 'ScaledCrossEntropy', 'CifarLearner',
            'cifar_learner', 'BF16', 'ChannelsLastBatches',
            'DeviceAvgMetric', 'DeviceAvgLoss', 'DeviceSmoothLoss', 'HostLosses', 'LeanProgress', 'use_cudnn',
            'rng_state', 'set_rng_state', 'one_cycle_kwargs', 'fit_assignment', 'distributed', 'single_process', 'broadcast']
@@ -77,6 +77,13 @@ def auto_precision(device):
     return 'fp32', False, f'bf16 on {device.type} is not known to be native'
 
 
+def concrete_precision(precision, channels_last, device):
+    "`(precision, channels_last, why)` as training uses them: 'auto' made concrete by `auto_precision`, the rest as asked."
+    if precision != 'auto': return precision, channels_last, 'as asked'
+    precision, native_layout, why = auto_precision(device)
+    return precision, channels_last or native_layout, f'auto: {why}'
+
+
 class CifarLearner(Learner):
     "fastai's `Learner`, whose `summary()` is the assignment's table (`arch.model_summary`) rather than fastai's own."
     # PrettyString, as fastai's summary returns: a notebook shows the table as printed text, not a quoted repr.
@@ -93,9 +100,7 @@ def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_sm
     # fastai's own SGD has no Nesterov, so torch's is wrapped; `moms` pins fastai's momentum schedule flat.
     # `weight_decay` is set at build time too, so the optimizer is the recipe's from `create_opt()` on, not from `fit`.
     if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
-    if precision == 'auto':
-        precision, native_layout, _ = auto_precision(dls.device)
-        channels_last = channels_last or native_layout
+    precision, channels_last, _ = concrete_precision(precision, channels_last, dls.device)
     opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=mom, nesterov=True, weight_decay=wd)
     learn = CifarLearner(dls, model if model is not None else custom_resnet(len(dls.vocab)), opt_func=opt_func,
                          loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=DeviceAvgMetric(accuracy),

@@ -22,8 +22,8 @@ from callbacks import (ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load
                        truncate_logs)
 from lrfind import find_lrs
 from predict import export_learner
-from train import (PEAK, PRECISIONS, auto_precision, broadcast, cifar_learner, device_name, distributed, fit_assignment,
-                   single_process, use_cudnn)
+from train import (PEAK, PRECISIONS, broadcast, cifar_learner, concrete_precision, device_name, distributed,
+                   fit_assignment, single_process, use_cudnn)
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,9 @@ def pick_device(device):
 
 def resolve_precision(s, dev):
     "`Settings` s with --precision auto made concrete for `dev` (what --resume then reads back), and how it was chosen."
-    if s.precision != 'auto':
-        return s, f'{s.precision}{" + channels-last" if s.channels_last else ""} (as asked)'
-    precision, channels_last, why = auto_precision(dev)
-    s = replace(s, precision=precision, channels_last=s.channels_last or channels_last)
-    chosen = 'bf16 autocast' if precision == 'bf16' else 'fp32'
-    return s, f'{chosen}{" + channels-last" if s.channels_last else ""} (auto: {why})'
+    precision, channels_last, why = concrete_precision(s.precision, s.channels_last, dev)
+    s = replace(s, precision=precision, channels_last=channels_last)
+    return s, f'{"bf16 autocast" if precision == "bf16" else precision}{" + channels-last" if channels_last else ""} ({why})'
 
 
 def check_out(out):
