@@ -1,5 +1,5 @@
 """Grad-CAM for the custom ResNet: `gradcam()`, `cams.py --n 10` for a run's mistakes, `cams.py --image` for any image."""
-import json, re
+import json, re, threading
 from pathlib import Path
 from typing import Annotated
 
@@ -20,8 +20,11 @@ def gradcam(model, x, layer, target=None):
     # `x` goes to the model, not the model to `x`: fastai's Interpretation hands back its inputs on the CPU
     # whatever device the model trains on, and moving a user's model behind their back would surprise them.
     x = x.to(next(model.parameters()).device)
-    acts = []
+    acts, me = [], threading.get_ident()
     def keep(module, inp, out):
+        # The hook sits on a module other threads may be running at the same moment (app.py serves several
+        # requests on one model): it takes only this call's forward pass, in this thread, and leaves theirs alone.
+        if threading.get_ident() != me or acts: return None
         acts.append(out)
         # Downstream in-place ops (a ReLU after a hooked BN) would overwrite `out`; the rest of the network
         # gets a copy instead, so `out` stays the activation its gradient is taken against.
@@ -29,7 +32,7 @@ def gradcam(model, x, layer, target=None):
     was_training = model.training
     handle = layer.register_forward_hook(keep)
     try:
-        model.eval()
+        if was_training: model.eval()  # an eval model is left untouched, so concurrent calls never see it change
         with torch.enable_grad():
             logits = model(x)
             target = logits.argmax(1) if target is None else torch.as_tensor(target, device=logits.device).expand(len(x))
@@ -39,7 +42,7 @@ def gradcam(model, x, layer, target=None):
             (grads,) = torch.autograd.grad(score, acts[0])
     finally:
         handle.remove()
-        model.train(was_training)
+        if was_training: model.train()
     a = acts[0].detach()
     weights = grads.mean((2, 3), keepdim=True)          # the gradient averaged over H and W, per channel
     cam = F.relu((weights * a).sum(1, keepdim=True))    # ReLU of the weighted sum of activations
@@ -81,10 +84,10 @@ def run_data(run, data=None):
     return recorded if recorded and Path(recorded).is_dir() else resolve_path()
 
 
-def load_run(run, data=None, device=None):
-    "A Learner with the run's trained weights, over the run's own test images."
+def load_run(run, data=None, device=None, bs=None):
+    "A Learner with the run's trained weights, over the run's own test images (in batches of `bs`, default the run's)."
     config = json.loads((run / 'config.json').read_text())
-    dls = cifar_dls(data or config.get('data'), bs=config.get('bs', 512), subset=config.get('subset'), device=device,
+    dls = cifar_dls(data or config.get('data'), bs=bs or config.get('bs', 512), subset=config.get('subset'), device=device,
                     verbose=False)
     model, _ = load_model(run, dls.device, data)  # predict.py's loader, with its one-line errors
     if model.head.fc.out_features != len(dls.vocab):
@@ -244,11 +247,14 @@ def view_cam(model, view, layer='layer3', target=None):
     return gradcam(model, to_input(view), model.get_submodule(layer), target)[0].cpu().numpy()
 
 
-def misclassified_cams(model, interp, n, layer='layer3'):
+def misclassified_cams(model, interp, n, layer='layer3', x=None):
     "The `n` highest-loss misclassified test images as (H×W×3 uint8 image, Grad-CAM of the predicted class, caption)."
+    # `x`: the inputs of the top `n` or more, taken from `interp` once by a caller that asks many times (app.py):
+    # `interp[idx]` runs the Learner's get_preds, which is neither quick nor for several threads at once.
     idx = top_misclassified(interp, n)
     if not len(idx): return []
-    x = interp[idx][0]  # fastai's Interpretation re-runs just these images through the test pipeline
+    # fastai's Interpretation re-runs just these images through the test pipeline.
+    x = interp[idx][0] if x is None else x[:len(idx)]
     cams = gradcam(model, x, model.get_submodule(layer), interp.decoded[idx].to(x.device)).cpu().numpy()
     imgs = np.rint(denorm(x) * 255).astype(np.uint8)  # the test image's own pixels: normalizing is undone exactly
     vocab = interp.vocab

@@ -30,24 +30,38 @@ class Prediction(NamedTuple):
     prob: float
 
 
-def read_image(path):
+def read_image(path, max_pixels=None):
     "The image file at `path` as an RGB PIL image, or a one-line `UsageError` saying why it can't be read."
     path = Path(path)
     if not path.exists(): raise UsageError(f'image {path} does not exist')
     if path.is_dir(): raise UsageError(f'image {path} is a folder, not an image file')
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only: the size is known before any pixel is decoded
+            w, h = im.size
+            if max_pixels and w * h > max_pixels:  # a decompression bomb stops here, at a few bytes read
+                raise UsageError(f'image {path} is {w}×{h} pixels, over the limit of {max_pixels:,} pixels')
+            # An animated GIF or a multi-page TIFF opens at its first frame, and that frame is the one converted.
             # A phone photo stores its rotation in EXIF; without this a portrait shot reaches the network sideways.
             return _rgb(ImageOps.exif_transpose(im))  # converting also decodes: a truncated file fails here
+    except UsageError: raise
+    except Image.DecompressionBombError as e:  # PIL's own guard, at twice its MAX_IMAGE_PIXELS, met before ours
+        raise UsageError(f'image {path} is over the limit of {max_pixels or 2 * Image.MAX_IMAGE_PIXELS:,} pixels ({e})') from None
     # PIL raises many kinds for a damaged file (OSError, SyntaxError, ValueError, DecompressionBombError), as data.py finds.
     except Exception as e: raise UsageError(f'image {path} cannot be read ({type(e).__name__}: {e})') from None
 
 
 def _rgb(im):
-    "`im` in RGB, alpha dropped as data.py drops it from the training images."
+    "`im` in RGB, alpha dropped as data.py drops it from the training images; 16-bit and float images scaled to 8 bits."
     # Through RGBA for a palette with a transparent colour, as Pillow asks (it warns otherwise); the RGB is the same.
     if im.mode == 'P' and 'transparency' in im.info: im = im.convert('RGBA')
-    return im.convert('RGB')
+    # Pillow's convert('RGB') clips a 16-bit (I;16…) or 32-bit (I, F) grey image at 255 instead of scaling it: a
+    # 16-bit PNG would come out nearly all white. Scaled here by its type's range (float: taken as 0–1).
+    if im.mode.startswith('I') or im.mode == 'F':
+        a = np.asarray(im, dtype=np.float64)
+        # 'I' (32-bit) says nothing of its range: a PNG's 16-bit grey may open so, 8-bit data converted to it too.
+        top = 1.0 if im.mode == 'F' else 65535.0 if im.mode.startswith('I;16') or (a.size and a.max() > 255) else 255.0
+        im = Image.fromarray(np.rint(np.clip(a / top, 0, 1) * 255).astype(np.uint8))
+    return im.convert('RGB')  # CMYK, YCbCr, LA, L, 1 and the rest: Pillow's own conversions
 
 
 def _as_pil(img):
@@ -95,9 +109,12 @@ def predict(model, img, classes, k=3):
     x = preprocess(img).to(next(model.parameters()).device)  # on the model's device; the model is not moved
     was_training = model.training
     try:
-        model.eval()  # BatchNorm's running statistics, not those of a batch of one
+        # BatchNorm's running statistics, not those of a batch of one. An eval model is left untouched: app.py runs
+        # several requests on one model at once.
+        if was_training: model.eval()
         with torch.no_grad(): logits = model(x)
-    finally: model.train(was_training)
+    finally:
+        if was_training: model.train()
     if logits.shape[1] != len(classes):
         raise UsageError(f'the model has {logits.shape[1]} outputs but {len(classes)} class names were given')
     # The loss's own activation, softmax(scale × logits): the probabilities the run trained. `load_model` gives the model
