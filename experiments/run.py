@@ -16,7 +16,7 @@ from arch import write_summary
 from cli import RunError, UsageError, on_interrupt, torch_device, user_errors
 from data import cifar_dls
 from effective_rf import receptive_fields
-from interpret import interpret, most_confused, plot_confusion, plot_misclassified
+from interpret import interpret, most_confused, plot_confusion, plot_misclassified, save_test_examples
 from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
 from callbacks import (ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, saved_epoch,
                        truncate_logs)
@@ -265,6 +265,7 @@ def finish(learn, config, lr, out, t_start):
     config['seconds']['total'] = round(time.perf_counter() - t_start, 2)  # of this process, when resumed
     save_json(out / 'config.json', config)
     write_report(out, config, lr, [mistakes_section(pairs), fields])
+    save_test_examples(learn.dls.valid, out / 'examples', n=10)  # app.py's examples: it starts without the data set
     if config.get('tensorboard'):
         from tensorboard_log import log_figures
         log_figures(out)
