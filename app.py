@@ -1,5 +1,5 @@
 """A web app for a trained run: top-k classes and Grad-CAM of any image, and the test set's mistakes. `python app.py --run DIR`."""
-import os, socket, subprocess, sys, tempfile, time, urllib.request
+import math, os, socket, subprocess, sys, threading, time, urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,33 +14,53 @@ from cli import UsageError, user_errors
 LAYERS = ('prep', 'layer1', 'layer2', 'layer3')  # arch.BLOCKS, coarsest last; listed here so --help needs no torch
 PREDICTED = 'the predicted class'
 SCALE = 8  # 32×32 pictures shown at 256×256, pixels kept square
+MAX_MISTAKES = 50  # the most misclassified test images the gallery shows
 
 
-def load(run=None, data=None, device='cpu'):
-    "Everything the app shows, loaded once: the run's model, classes, headline, and its test set (examples, mistakes)."
-    from cams import find_run, load_run, run_data
-    from interpret import save_test_examples
+# A public server's limits (flags of `main`): what one request may cost is bounded before any work starts.
+MAX_FILE_MB = 10                 # per uploaded file; Gradio refuses a bigger upload before it is stored
+MAX_IMAGES = 16                  # per classify request
+MAX_PIXELS = 4096 * 4096         # per image, checked from its header, before its pixels are decoded
+CONCURRENCY = 4                  # requests run at once; Grad-CAM is safe on a shared model (cams.gradcam)
+QUEUE = 64                       # requests waiting beyond those; the next is told the queue is full
+# Gradio keeps a copy of the page's state for each session, and every API call is a session of its own: 10,000 by
+# default, some 60 kB each in RSS. The app keeps no state between requests, so a few hundred are plenty.
+SESSIONS = 200
+
+
+def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS):
+    "What the app needs to start: the run's model, classes, headline and example images; no data set."
+    from cams import find_run
+    from predict import load_model
     from report import headline
     run = find_run(run)  # one line and exit 2 for a bad --run, before any server starts
     for f in ('metrics.csv',):
         if not (run / f).exists(): raise UsageError(f'run folder {run} has no {f}; did its training finish?')
-    learn = load_run(run, run_data(run, data), device)
-    examples = tempfile.mkdtemp(prefix='resnet9-examples-')  # written from the test set: the repo ships no images
-    return SimpleNamespace(run=run, learn=learn, model=learn.model, classes=list(learn.dls.vocab), headline=headline(run),
-                           examples=[str(p) for p in save_test_examples(learn.dls.valid, examples, n=10)],
-                           examples_dir=examples, interp=None)
+    model, classes = load_model(run, device, data)
+    # run.py saves ten test images in the run folder, so classifying needs nothing else; the 60,000 images are
+    # read only when someone asks for the misclassified ones (`test_interp`).
+    examples = [str(p) for p in sorted((run / 'examples').glob('*.png'))]
+    return SimpleNamespace(run=run, model=model, classes=classes, headline=headline(run), examples=examples,
+                           examples_dir=str(run / 'examples'), data=data, device=device, max_file_mb=max_file_mb, max_images=max_images,
+                           max_pixels=max_pixels, interp=None, lock=threading.Lock())
 
 
 def classify(st, files, k, layer, target, opacity):
     "Top-k classes of each uploaded image, and each image with its Grad-CAM: (first image's label dict, gallery, table)."
     import gradio as gr
     from cams import cam_overlay, view_cam
-    from predict import network_view, predict
+    from predict import network_view, predict, read_image
     if not files: return {}, [], ''
-    paths = [Path(getattr(f, 'name', f)) for f in (files if isinstance(files, list) else [files])]
+    # Gradio sends paths (str); older Gradio and a Python caller may send tempfile-like objects or Paths.
+    paths = [Path(f) if isinstance(f, (str, os.PathLike)) else Path(f.name)
+             for f in (files if isinstance(files, list) else [files])]
+    # A program may send what the page's widgets can't; Gradio refuses a value outside a slider's range or a
+    # radio's or dropdown's choices before this runs. The number of files is for us to check.
+    if len(paths) > st.max_images:
+        raise gr.Error(f'{len(paths)} images in one request; the limit is {st.max_images}: send them in smaller groups')
     views = []
     for p in paths:  # all read first, with predict.read_image's one-line reason for a broken file
-        try: views.append(network_view(p))
+        try: views.append(network_view(read_image(p, st.max_pixels)))
         except UsageError as e: raise gr.Error(str(e).replace(str(p), p.name)) from None  # not Gradio's temp path
     labels, gallery, rows = None, [], ['| image | ' + ' | '.join(f'#{i + 1}' for i in range(int(k))) + ' |',
                                        '|---' * (int(k) + 1) + '|']
@@ -55,19 +75,62 @@ def classify(st, files, k, layer, target, opacity):
     return labels, gallery, '\n'.join(rows)
 
 
+def test_interp(st):
+    "fastai's Interpretation of the run on its test set and the inputs of its worst 50 mistakes, made on first use."
+    import gradio as gr
+    with st.lock:  # a Learner is not for several threads, and one pass over the test set is enough
+        if st.interp is None:
+            from cams import load_run, run_data
+            from interpret import interpret, top_misclassified
+            # Batches of 128, not the run's 512: in eval mode each image's answer is the same, and the pass's peak
+            # memory, which the process keeps, a quarter.
+            try: interp = interpret(load_run(st.run, run_data(st.run, st.data), st.device, bs=128))
+            except UsageError as e:
+                raise gr.Error(f'the misclassified test images need the test set: {e}; start the app with --data DIR') from None
+            # The gallery shows at most MAX_MISTAKES: their inputs now, so that no request runs the Learner again.
+            st.worst = interp[top_misclassified(interp, MAX_MISTAKES)][0]
+            # What the gallery reads of it, without the Learner and its 60,000 images, which can go now.
+            st.interp = SimpleNamespace(**{k: getattr(interp, k) for k in ('vocab', 'preds', 'targs', 'decoded', 'losses')})
+    return st.interp, st.worst
+
+
 def mistakes(st, n, layer, opacity):
     "The `n` highest-loss misclassified test images, each with its predicted class's Grad-CAM at `layer`."
-    from cams import cam_overlay, misclassified_cams
-    from interpret import interpret
-    if st.interp is None: st.interp = interpret(st.learn)  # one pass over the test set, on first use
-    return [(cam_overlay(img, cam, opacity, SCALE), caption)
-            for img, cam, caption in misclassified_cams(st.model, st.interp, int(n), layer)]
-
-
-def build(st):
-    "The Gradio Blocks of the app for the loaded run `st`."
     import gradio as gr
-    with gr.Blocks(title='ResNet-9 on CIFAR-10', analytics_enabled=False) as demo:
+    from cams import cam_overlay, misclassified_cams
+    interp, worst = test_interp(st)
+    return [(cam_overlay(img, cam, opacity, SCALE), caption)
+            for img, cam, caption in misclassified_cams(st.model, interp, int(n), layer, x=worst)]
+
+
+def atomic_image_cache():
+    "Make Gradio write the pictures it sends under a temporary name and rename them into place."
+    # Gradio (6.31) saves a returned image to its cache at a path named by the image's hash, rewriting the file in
+    # place each time. Two requests that return the same picture at once (two users asking for the misclassified
+    # gallery) then race: one rewrites the file while the other's client is being sent it, which arrives cut short
+    # ("Too little data for declared Content-Length", seen in experiments/app_load.py). Gradio's own copy of a
+    # file (save_file_to_cache) already writes aside and renames; this does the same for images.
+    import tempfile
+    from gradio import processing_utils as pu
+    if getattr(pu.save_pil_to_cache, 'atomic', False): return
+    def save_pil_to_cache(img, cache_dir, name='image', format='webp'):
+        data = pu.encode_pil_to_bytes(img, format)
+        folder = Path(cache_dir) / pu.hash_bytes(data)
+        folder.mkdir(exist_ok=True, parents=True)
+        fd, staging = tempfile.mkstemp(dir=folder, prefix=f'.{name}.')
+        with os.fdopen(fd, 'wb') as f: f.write(data)
+        os.replace(staging, folder / f'{name}.{format}')  # readers see the old file or the new one, never half of one
+        return str((folder / f'{name}.{format}').resolve())
+    save_pil_to_cache.atomic = True
+    pu.save_pil_to_cache = save_pil_to_cache
+
+
+def build(st, concurrency=CONCURRENCY):
+    "The Gradio Blocks of the app for the loaded run `st`, its two API endpoints `/classify` and `/mistakes`."
+    import gradio as gr
+    atomic_image_cache()
+    # Gradio's cache of uploads and of the pictures it sends: files older than an hour go, checked every 10 minutes.
+    with gr.Blocks(title='ResNet-9 on CIFAR-10', analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         gr.Markdown(f'## ResNet-9 on CIFAR-10\n`{st.run.name}`: {st.headline}', elem_id='headline')
         with gr.Row():
             k = gr.Slider(1, len(st.classes), value=3, step=1, label='top k classes', elem_id='k')
@@ -79,21 +142,54 @@ def build(st):
                 with gr.Column():
                     files = gr.File(file_count='multiple', file_types=['image'], label='images (one or more)',
                                     elem_id='upload')
+                    side = math.isqrt(st.max_pixels)
+                    pixels = f'{side}×{side}' if side * side == st.max_pixels else f'{st.max_pixels:,}'
+                    gr.Markdown(f'Up to {st.max_images} images at a time, each at most {st.max_file_mb} MB and '
+                                f'{pixels} pixels.', elem_id='limits')
                     # One example is one value of `files`: a list of one file.
-                    gr.Examples([[[p]] for p in st.examples], inputs=files, label='or a test image', examples_per_page=10)
+                    if st.examples:
+                        gr.Examples([[[p]] for p in st.examples], inputs=files, label='or a test image',
+                                    examples_per_page=10)
                 with gr.Column():
                     label = gr.Label(num_top_classes=len(st.classes), label='prediction (first image)', elem_id='prediction')
-                    cams = gr.Gallery(label='Grad-CAM', columns=3, height=360, object_fit='contain', elem_id='cams')
+                    cams = gr.Gallery(label='Grad-CAM', columns=3, height=360, object_fit='contain', format='png', elem_id='cams')
             table = gr.Markdown(elem_id='table')
             inputs = [files, k, layer, target, opacity]
-            for c in inputs: c.change(lambda *a: classify(st, *a), inputs, [label, cams, table])
+
+            def classify_images(files, k, layer, target, opacity):
+                "Top-k classes and the Grad-CAM of each image: (label dict, [(image, caption)], markdown table)."
+                return classify(st, files, k, layer, target, opacity)
+            gr.on([c.change for c in inputs], classify_images, inputs, [label, cams, table], api_name='classify',
+                  concurrency_limit=concurrency)
         with gr.Tab('Misclassified test images', elem_id='mistakes-tab'):
-            n = gr.Slider(1, 50, value=10, step=1, label='how many (highest loss first)', elem_id='n')
+            n = gr.Slider(1, MAX_MISTAKES, value=10, step=1, label='how many (highest loss first)', elem_id='n')
             show = gr.Button('Show the misclassified test images', elem_id='show-mistakes')
             gallery = gr.Gallery(label='misclassified, with the Grad-CAM of the predicted class', columns=5,
-                                 height='auto', elem_id='mistakes')
-            show.click(lambda *a: mistakes(st, *a), [n, layer, opacity], gallery)
+                                 height='auto', format='png', elem_id='mistakes')
+
+            def misclassified(n, layer, opacity):
+                "The n highest-loss misclassified test images with their predicted class's Grad-CAM: [(image, caption)]."
+                return mistakes(st, n, layer, opacity)
+            show.click(misclassified, [n, layer, opacity], gallery, api_name='mistakes', concurrency_limit=concurrency)
     return demo
+
+
+def steady_heap(arenas=2, mmap_threshold=2**18):
+    "Keep glibc's heap from growing with the threads that serve requests (Linux with glibc; elsewhere nothing)."
+    # glibc gives each thread that allocates an arena of its own, up to 8 per core, and raises its mmap threshold
+    # each time a big block is freed, so the tensors of requests served on many threads end up in heaps it keeps.
+    # Measured by experiments/app_load.py, the first round of 8 clients × 5 gallery requests grew the server 313 and
+    # 420 MB with glibc's defaults, 52 MB with 2 arenas, 1 MB with 2 arenas and a fixed 256 kB threshold
+    # (results/app-load-malloc.log). The same as MALLOC_ARENA_MAX=2 and
+    # GLIBC_TUNABLES=glibc.malloc.mmap_threshold=262144, set here so that no one has to.
+    import ctypes
+    try: glibc = os.confstr('CS_GNU_LIBC_VERSION')
+    except (ValueError, OSError, AttributeError): glibc = None  # not Linux
+    if not glibc: return False  # musl and others: no mallopt to call
+    libc = ctypes.CDLL(None)
+    M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's malloc.h
+    # Before the app's threads start: glibc fixes its arena limit once it has more than 8 arenas.
+    return bool(libc.mallopt(M_ARENA_MAX, arenas)) and bool(libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold))
 
 
 def offline():
@@ -103,12 +199,13 @@ def offline():
 
 
 @contextmanager
-def serving(run, port=None, timeout=300, log=None):
-    "Run `python app.py --run run` on 127.0.0.1 (a free port by default) in a subprocess; yields its URL once it answers."
+def serving(run, port=None, timeout=300, log=None, args=()):
+    "Run `python app.py --run run [args]` on 127.0.0.1 (a free port by default); yields (URL, process, seconds to answer) once it answers."
     if port is None:
         with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     url, out = f'http://127.0.0.1:{port}/', open(log or os.devnull, 'w')
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'app.py'), '--run', str(run), '--port', str(port)],
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'app.py'), '--run', str(run), '--port', str(port), *map(str, args)],
                             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
@@ -118,8 +215,8 @@ def serving(run, port=None, timeout=300, log=None):
                 with urllib.request.urlopen(url, timeout=5): break
             except OSError:
                 if time.monotonic() > deadline: raise TimeoutError(f'app.py did not answer at {url} in {timeout} s')
-                time.sleep(0.5)
-        yield url
+                time.sleep(0.1)
+        yield SimpleNamespace(url=url, proc=proc, startup_s=time.perf_counter() - start)
     finally:
         proc.terminate()
         try: proc.wait(10)
@@ -132,15 +229,27 @@ def serving(run, port=None, timeout=300, log=None):
 def main(run: str = None,          # run folder (default: the newest finished one under runs/)
          host: str = None,         # address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1)
          port: int = None,         # port (default: $GRADIO_SERVER_PORT, else 7860)
-         data: str = None,         # CIFAR folder with the test images, if not the run's own
+         data: str = None,         # CIFAR folder with the test images, if not the run's own (read for the mistakes only)
          device: str = 'cpu',      # torch device for the model
+         max_file_mb: int = MAX_FILE_MB,    # largest upload, in MB (2**20 bytes)
+         max_images: int = MAX_IMAGES,      # most images in one classify request
+         max_pixels: int = MAX_PIXELS,      # most pixels in one image (width × height), checked before decoding
+         concurrency: int = CONCURRENCY,    # requests served at once
+         queue: int = QUEUE,                # requests that may wait beyond those
          share: store_true = False):  # also ask Gradio for a public share link (it goes through gradio.live)
     "Serve a Gradio app for a trained run: top-k classes and Grad-CAM of uploaded images, and the misclassified test images."
     offline()
+    steady_heap()
     with user_errors('app.py'):
-        st = load(run, data, device)
-        demo = build(st)
+        for flag, v in (('max-file-mb', max_file_mb), ('max-images', max_images), ('max-pixels', max_pixels),
+                        ('concurrency', concurrency), ('queue', queue)):
+            if v < 1: raise UsageError(f'--{flag} must be at least 1, got {v}')
+        st = load(run, data, device, max_file_mb, max_images, max_pixels)
+        demo = build(st, concurrency)
     host = host or os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1')  # a Space sets 0.0.0.0
     port = port or int(os.environ.get('GRADIO_SERVER_PORT', 7860))
-    print(f'app.py: serving {st.run} at http://{host}:{port}', flush=True)
-    demo.launch(server_name=host, server_port=port, share=share, ssr_mode=False, allowed_paths=[st.examples_dir])
+    print(f'app.py: serving {st.run} at http://{host}:{port} (at most {max_images} images of {max_file_mb} MB and '
+          f'{max_pixels:,} pixels a request; {concurrency} at once, {queue} waiting)', flush=True)
+    demo.queue(max_size=queue).launch(server_name=host, server_port=port, share=share, ssr_mode=False,
+                                      max_file_size=max_file_mb * 2**20, state_session_capacity=SESSIONS,
+                                      allowed_paths=[st.examples_dir])

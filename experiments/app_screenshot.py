@@ -43,8 +43,8 @@ def main(run: str = None,                 # run folder (default: the newest fini
     from cams import find_run
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with serving(find_run(run), log=out / 'app.log') as url, local_page() as (page, outside):
-        page.goto(url)
+    with serving(find_run(run), log=out / 'app.log') as server, local_page() as (page, outside):
+        page.goto(server.url)
         page.wait_for_selector('#headline')
         page.locator('#layer label', has_text=layer).click()
         page.get_by_role('button', name=f'{example:02d}_').click()  # the example buttons are named by file

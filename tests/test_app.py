@@ -33,12 +33,12 @@ def served(tiny_run, browser_ready, tmp_path_factory):
     from app import serving
     log = tmp_path_factory.mktemp('app') / 'app.log'
     try:
-        with serving(tiny_run, log=log) as url: yield url
+        with serving(tiny_run, log=log) as server: yield server.url
     except (RuntimeError, TimeoutError) as e: pytest.fail(f'{e}\n{log.read_text()[-3000:]}')
 
 
 def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
-    "Upload an image and read its label, see its Grad-CAM change with the layer, survive a broken file, see the mistakes."
+    "Upload an image and read its label, see its Grad-CAM change with the layer, survive a broken file and a too big one, see the mistakes."
     from interpret import interpret
     from cams import load_run
     from data import scan_folder
@@ -67,6 +67,10 @@ def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
         page.set_input_files('#upload input[type=file]', broken)
         error = page.get_by_text('broken.png cannot be read')
         error.wait_for(timeout=60_000)  # Gradio's error toast, in the page
+        huge = tmp_path / 'huge.png'
+        huge.write_bytes(np.random.default_rng(2).bytes(11 * 2**20))  # over the default limit of 10 MB
+        page.set_input_files('#upload input[type=file]', huge)
+        page.get_by_text('exceed the maximum allowed size of 10.0 Mb: "huge.png"').wait_for(timeout=60_000)
         page.set_input_files('#upload input[type=file]', odd)  # and the app still serves
         page.wait_for_function('w => document.querySelector("#prediction [data-testid=label-output-value]")'
                                '?.textContent.trim() === w', arg=want, timeout=60_000)
