@@ -152,7 +152,7 @@ def build(st, concurrency=CONCURRENCY):
                                     examples_per_page=10)
                 with gr.Column():
                     label = gr.Label(num_top_classes=len(st.classes), label='prediction (first image)', elem_id='prediction')
-                    cams = gr.Gallery(label='Grad-CAM', columns=3, height=360, object_fit='contain', format='png', elem_id='cams')
+                    cams = gr.Gallery(label='Grad-CAM', columns=3, height='auto', object_fit='contain', format='png', elem_id='cams')
             table = gr.Markdown(elem_id='table')
             inputs = [files, k, layer, target, opacity]
 
