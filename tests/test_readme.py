@@ -4,7 +4,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_script, skip_or_fail
 
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 # Every ```python block of the README and docs/, by (page, the heading above it), and the test here that runs it.
@@ -12,7 +12,8 @@ PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 # with the reason.
 RUN_BY = {('docs/recipe.md', 'Interactive use'): 'test_the_interactive_snippet_runs',
           ('docs/gradcam.md', 'From Python'): 'test_the_gradcam_snippet_runs',
-          ('docs/sharing.md', 'Export'): 'test_the_export_snippet_runs'}
+          ('docs/sharing.md', 'Export'): 'test_the_export_snippet_runs',
+          ('README.md', 'The app from Python'): 'test_the_app_client_snippet_runs'}
 NOT_RUN = {}
 
 
@@ -96,3 +97,19 @@ def test_the_export_snippet_runs(tiny_run, tmp_path):
                  ("'photo.jpg'", repr(str(photo(tmp_path))))])
     out = run_snippet(code + '\nprint("label", label, "idx", int(idx), "sum", float(probs.sum()))\n')
     assert out['label'] == f'c{out["idx"]}' and abs(float(out['sum']) - 1) < 1e-5
+
+
+def test_the_app_client_snippet_runs(tiny_run, tmp_path):
+    import importlib.util
+    if not importlib.util.find_spec('gradio'): skip_or_fail('the gradio package is missing (pip install -e ".[app]")')
+    from app import serving
+    from predict import load_model, predict
+    picture = str(photo(tmp_path))
+    with serving(tiny_run) as server:  # app.py on a free port, as `python app.py --run` serves it
+        code = swap(python_blocks()[('README.md', 'The app from Python')],
+                    [("'http://127.0.0.1:7860/'", repr(server.url)), ("'photo.jpg'", repr(picture))])
+        out = run_snippet(code + '\nfrom PIL import Image\n'
+                                 'print("label", labels["label"], "size", "x".join(map(str, Image.open(cams[0]["image"]).size)))\n')
+    model, classes = load_model(tiny_run, 'cpu')
+    # The answer over HTTP is the one predict() gives in-process, and the Grad-CAM picture came back at the app's 8×.
+    assert out['label'] == predict(model, picture, classes)[0].label and out['size'] == '256x256'

@@ -57,5 +57,5 @@ def test_the_walkthrough_runs_top_to_bottom_on_the_quick_setting(cifar10, monkey
 def test_the_figures_in_results_are_the_committed_notebooks(tmp_path):
     r = run_script(ROOT / 'experiments' / 'walkthrough_figures.py', '--out', tmp_path)
     assert r.returncode == 0, r.stderr
-    for name in ('lr_find', 'gradcam_layer3'):  # README.md and docs/ show these: they must be this notebook's, byte for byte
+    for name in ('lr_find', 'gradcam_layer3'):  # docs/ shows lr_find.png: both must be this notebook's, byte for byte
         assert (tmp_path / f'{name}.png').read_bytes() == (ROOT / 'results' / 'walkthrough' / f'{name}.png').read_bytes()
