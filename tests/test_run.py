@@ -11,7 +11,7 @@ from lrfind import from_curve
 
 FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
          'export.pkl', 'summary.txt', 'config.json', 'report.md', 'misclassified.png', 'confusion.png', 'receptive_field.png',
-         'receptive_field.json']
+         'receptive_field.json', 'examples']
 
 
 def check_run_folder(out, epochs, finder=True):
@@ -20,6 +20,11 @@ def check_run_folder(out, epochs, finder=True):
     for png in out.glob('*.png'):
         w, h = Image.open(png).size
         assert w >= 200 and h >= 150, png
+    # The app's examples (it starts without the data set): a 32×32 test image of each class, named by its class.
+    classes = json.loads((out / 'config.json').read_text())['classes']
+    examples = sorted((out / 'examples').iterdir())
+    assert [p.name for p in examples] == [f'{i + 1:02d}_{c}.png' for i, c in enumerate(classes)]
+    assert all(Image.open(p).size == (32, 32) for p in examples)
     with open(out / 'metrics.csv') as fh: rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ['epoch', 'lr', 'train_loss', 'train_loss_mean', 'train_acc', 'test_loss', 'test_acc', 'seconds']
     assert [int(r['epoch']) for r in rows] == list(range(1, epochs + 1))
