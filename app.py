@@ -45,9 +45,16 @@ def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=
                            max_pixels=max_pixels, interp=None, lock=threading.Lock())
 
 
+def refused(message):
+    "The error a request gets for `message`, shown in the page; the server's log gets one line, not a traceback."
+    import gradio as gr
+    # Gradio prints the traceback of every gr.Error it raises: on a public server, one for each bad upload.
+    print(f'app.py: refused a request: {message}', file=sys.stderr, flush=True)
+    return gr.Error(message, print_exception=False)
+
+
 def classify(st, files, k, layer, target, opacity):
     "Top-k classes of each uploaded image, and each image with its Grad-CAM: (first image's label dict, gallery, table)."
-    import gradio as gr
     from cams import cam_overlay, view_cam
     from predict import network_view, predict, read_image
     if not files: return {}, [], ''
@@ -57,11 +64,11 @@ def classify(st, files, k, layer, target, opacity):
     # A program may send what the page's widgets can't; Gradio refuses a value outside a slider's range or a
     # radio's or dropdown's choices before this runs. The number of files is for us to check.
     if len(paths) > st.max_images:
-        raise gr.Error(f'{len(paths)} images in one request; the limit is {st.max_images}: send them in smaller groups')
+        raise refused(f'{len(paths)} images in one request; the limit is {st.max_images}: send them in smaller groups')
     views = []
     for p in paths:  # all read first, with predict.read_image's one-line reason for a broken file
         try: views.append(network_view(read_image(p, st.max_pixels)))
-        except UsageError as e: raise gr.Error(str(e).replace(str(p), p.name)) from None  # not Gradio's temp path
+        except UsageError as e: raise refused(str(e).replace(str(p), p.name)) from None  # not Gradio's temp path
     labels, gallery, rows = None, [], ['| image | ' + ' | '.join(f'#{i + 1}' for i in range(int(k))) + ' |',
                                        '|---' * (int(k) + 1) + '|']
     for path, view in zip(paths, views):
@@ -77,7 +84,6 @@ def classify(st, files, k, layer, target, opacity):
 
 def test_interp(st):
     "fastai's Interpretation of the run on its test set and the inputs of its worst 50 mistakes, made on first use."
-    import gradio as gr
     with st.lock:  # a Learner is not for several threads, and one pass over the test set is enough
         if st.interp is None:
             from cams import load_run, run_data
@@ -86,7 +92,7 @@ def test_interp(st):
             # memory, which the process keeps, a quarter.
             try: interp = interpret(load_run(st.run, run_data(st.run, st.data), st.device, bs=128))
             except UsageError as e:
-                raise gr.Error(f'the misclassified test images need the test set: {e}; start the app with --data DIR') from None
+                raise refused(f'the misclassified test images need the test set: {e}; start the app with --data DIR') from None
             # The gallery shows at most MAX_MISTAKES: their inputs now, so that no request runs the Learner again.
             st.worst = interp[top_misclassified(interp, MAX_MISTAKES)][0]
             # What the gallery reads of it, without the Learner and its 60,000 images, which can go now.
@@ -96,7 +102,6 @@ def test_interp(st):
 
 def mistakes(st, n, layer, opacity):
     "The `n` highest-loss misclassified test images, each with its predicted class's Grad-CAM at `layer`."
-    import gradio as gr
     from cams import cam_overlay, misclassified_cams
     interp, worst = test_interp(st)
     return [(cam_overlay(img, cam, opacity, SCALE), caption)

@@ -25,7 +25,9 @@ def server(tiny_run, tmp_path_factory):
     log = tmp_path_factory.mktemp('app-server') / 'app.log'
     args = [a for k, v in LIMITS.items() for a in (f'--{k}', v)]
     try:
-        with serving(tiny_run, log=log, args=args) as s: yield s
+        with serving(tiny_run, log=log, args=args) as s:
+            s.log = log
+            yield s
     except (RuntimeError, TimeoutError) as e: pytest.fail(f'{e}\n{log.read_text()[-3000:]}')
 
 
@@ -86,6 +88,10 @@ def test_each_limit_and_broken_file_has_its_message(server, tmp_path, model):
     with pytest.raises(AppError, match='Value 500 is greater than maximum value 50'): api.call('mistakes', 500, 'layer3', 0.5)
     labels, _ = classify(api, good, 'layer3', PREDICTED)  # and it still serves
     assert same(labels, expect(model, good))
+    # The server's log: a line for each request the app refused, not a traceback through app.py (Gradio's own
+    # value checks above print theirs, inside Gradio).
+    log = server.log.read_text()
+    assert log.count('app.py: refused a request: ') >= 5 and f'{ROOT / "app.py"}", line' not in log, log[-3000:]
 
 
 def test_odd_images_are_read_as_the_picture_they_show(server, tmp_path, model):
