@@ -38,7 +38,7 @@ def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=
         if not (run / f).exists(): raise UsageError(f'run folder {run} has no {f}; did its training finish?')
     model, classes = load_model(run, device, data)
     # run.py saves ten test images in the run folder, so classifying needs nothing else; the 60,000 images are
-    # read only when someone asks for the misclassified ones (`test_interp`).
+    # read only when someone asks for the misclassified ones (`mistakes_interp`).
     examples = [str(p) for p in sorted((run / 'examples').glob('*.png'))]
     return SimpleNamespace(run=run, model=model, classes=classes, headline=headline(run), examples=examples,
                            examples_dir=str(run / 'examples'), data=data, device=device, max_file_mb=max_file_mb, max_images=max_images,
@@ -82,14 +82,14 @@ def classify(st, files, k, layer, target, opacity):
     return labels, gallery, '\n'.join(rows)
 
 
-def test_interp(st):
+def mistakes_interp(st):
     "fastai's Interpretation of the run on its test set and the inputs of its worst 50 mistakes, made on first use."
     with st.lock:  # a Learner is not for several threads, and one pass over the test set is enough
         if st.interp is None:
             from cams import load_run, run_data
             from interpret import interpret, top_misclassified
             # Batches of 128, not the run's 512: in eval mode each image's answer is the same, and the pass's peak
-            # memory, which the process keeps, a quarter.
+            # memory (which the process keeps afterwards) is a quarter.
             try: interp = interpret(load_run(st.run, run_data(st.run, st.data), st.device, bs=128))
             except UsageError as e:
                 raise refused(f'the misclassified test images need the test set: {e}; start the app with --data DIR') from None
@@ -103,7 +103,7 @@ def test_interp(st):
 def mistakes(st, n, layer, opacity):
     "The `n` highest-loss misclassified test images, each with its predicted class's Grad-CAM at `layer`."
     from cams import cam_overlay, misclassified_cams
-    interp, worst = test_interp(st)
+    interp, worst = mistakes_interp(st)
     return [(cam_overlay(img, cam, opacity, SCALE), caption)
             for img, cam, caption in misclassified_cams(st.model, interp, int(n), layer, x=worst)]
 

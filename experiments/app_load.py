@@ -194,6 +194,8 @@ def main(run: str = 'results/cpu-bf16-seed0',  # run folder to serve
     "Serve `run` with app.py on 127.0.0.1 and load it with concurrent clients over HTTP; print and save the numbers."
     import torch
     from train import device_name
+    for flag, v, least in (('clients', clients, 1), ('requests', requests, 1), ('gallery', gallery, 0), ('rounds', rounds, 1)):
+        if v < least: raise SystemExit(f'app_load.py: error: --{flag} must be at least {least}, got {v}')
     say = lambda s: print(s, flush=True)
     say(f'$ python experiments/app_load.py {" ".join(sys.argv[1:])}')
     say(f'{device_name("cpu")}; torch {torch.__version__}, {torch.get_num_threads()} threads')
