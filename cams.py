@@ -29,20 +29,16 @@ def gradcam(model, x, layer, target=None):
         # Downstream in-place ops (a ReLU after a hooked BN) would overwrite `out`; the rest of the network
         # gets a copy instead, so `out` stays the activation its gradient is taken against.
         return out.clone()
-    was_training = model.training
     handle = layer.register_forward_hook(keep)
     try:
-        if was_training: model.eval()  # an eval model is left untouched, so concurrent calls never see it change
-        with torch.enable_grad():
+        with eval_mode(model), torch.enable_grad():
             logits = model(x)
             target = logits.argmax(1) if target is None else torch.as_tensor(target, device=logits.device).expand(len(x))
             score = logits.gather(1, target.view(-1, 1)).sum()  # samples are independent in eval mode
             # autograd.grad, not backward(): a tensor-level gradient (as pytorch-grad-cam does with a tensor
             # hook, since module backward hooks break on in-place ReLUs), and no .grad left on the weights.
             (grads,) = torch.autograd.grad(score, acts[0])
-    finally:
-        handle.remove()
-        if was_training: model.train()
+    finally: handle.remove()
     a = acts[0].detach()
     weights = grads.mean((2, 3), keepdim=True)          # the gradient averaged over H and W, per channel
     cam = F.relu((weights * a).sum(1, keepdim=True))    # ReLU of the weighted sum of activations
@@ -58,7 +54,7 @@ from arch import BLOCKS  # noqa: E402  (below gradcam, which needs only torch)
 from cli import UsageError, user_errors  # noqa: E402
 from data import cifar_dls, resolve_path  # noqa: E402
 from interpret import denorm, interpret, top_misclassified  # noqa: E402
-from predict import load_model, network_view, predict, read_image, to_input  # noqa: E402
+from predict import eval_mode, load_model, network_view, predict, read_image, to_input  # noqa: E402
 from report import save_figure  # noqa: E402
 from train import cifar_learner  # noqa: E402
 

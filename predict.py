@@ -1,5 +1,6 @@
 """A prediction for any image: load it as the test set was loaded, and return the top-k classes with their probabilities."""
 import json, pickle
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -18,7 +19,7 @@ from data import SIZE, DataError, cifar_dls, scan_folder  # SIZE: the network's 
 from train import ScaledCrossEntropy, cifar_learner
 
 __all__ = ['CIFAR10_CLASSES', 'SIZE', 'Prediction', 'read_image', 'network_view', 'to_input', 'preprocess', 'predict',
-           'run_classes', 'load_model', 'evaluate_run', 'RGBImage', 'inference_dls', 'export_learner']
+           'eval_mode', 'run_classes', 'load_model', 'evaluate_run', 'RGBImage', 'inference_dls', 'export_learner']
 
 # CIFAR-10's classes in label order, which is also the sorted order of its folders and so of `dls.vocab`.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -103,18 +104,23 @@ def preprocess(img):
     return to_input(network_view(img))
 
 
+@contextmanager
+def eval_mode(model):
+    "`model` in eval mode inside the block, and in the mode it had after it."
+    # A model already in eval mode is left untouched, never switched: app.py runs several requests on one model at
+    # once, and one request's switch back would reach another's forward pass.
+    was_training = model.training
+    if was_training: model.eval()
+    try: yield model
+    finally:
+        if was_training: model.train()
+
+
 def predict(model, img, classes, k=3):
     "The `k` likeliest `classes` of `img` (a path, PIL image, or H×W×3 uint8 0–255 or float 0–1 array or tensor)."
     if k < 1: raise UsageError(f'k must be at least 1, got {k}')
     x = preprocess(img).to(next(model.parameters()).device)  # on the model's device; the model is not moved
-    was_training = model.training
-    try:
-        # BatchNorm's running statistics, not those of a batch of one. An eval model is left untouched: app.py runs
-        # several requests on one model at once.
-        if was_training: model.eval()
-        with torch.no_grad(): logits = model(x)
-    finally:
-        if was_training: model.train()
+    with eval_mode(model), torch.no_grad(): logits = model(x)  # BatchNorm's running statistics, not a batch of one's
     if logits.shape[1] != len(classes):
         raise UsageError(f'the model has {logits.shape[1]} outputs but {len(classes)} class names were given')
     # The loss's own activation, softmax(scale × logits): the probabilities the run trained. `load_model` gives the model
