@@ -45,9 +45,10 @@ def read_image(path, max_pixels=None):
             # A phone photo stores its rotation in EXIF; without this a portrait shot reaches the network sideways.
             return _rgb(ImageOps.exif_transpose(im))  # converting also decodes: a truncated file fails here
     except UsageError: raise
-    except Image.DecompressionBombError as e:  # PIL's own guard, at twice its MAX_IMAGE_PIXELS, met before ours
-        raise UsageError(f'image {path} is over the limit of {max_pixels or 2 * Image.MAX_IMAGE_PIXELS:,} pixels ({e})') from None
-    # PIL raises many kinds for a damaged file (OSError, SyntaxError, ValueError, DecompressionBombError), as data.py finds.
+    except Image.DecompressionBombError as e:  # PIL's own guard, at twice its MAX_IMAGE_PIXELS, met in open() before ours
+        limit = min(max_pixels or float('inf'), 2 * Image.MAX_IMAGE_PIXELS)  # the image is over both
+        raise UsageError(f'image {path} is over the limit of {limit:,} pixels ({e})') from None
+    # PIL raises many kinds for a damaged file (OSError, SyntaxError, ValueError), as data.py finds.
     except Exception as e: raise UsageError(f'image {path} cannot be read ({type(e).__name__}: {e})') from None
 
 

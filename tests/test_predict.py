@@ -109,6 +109,18 @@ def test_unreadable_files(tmp_path):
         with pytest.raises(UsageError, match=message): read_image(path)
 
 
+def test_too_many_pixels_is_refused_before_decoding(tmp_path, monkeypatch):
+    image(100, 80).save(tmp_path / 'big.png')
+    with pytest.raises(UsageError, match=r'big.png is 100×80 pixels, over the limit of 5,000 pixels'):
+        read_image(tmp_path / 'big.png', max_pixels=5000)
+    assert read_image(tmp_path / 'big.png', max_pixels=8000).size == (100, 80)
+    # PIL's own guard (twice its MAX_IMAGE_PIXELS) fires in open(), before ours: the message names the limit it met.
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)
+    for max_pixels, limit in [(None, '2,000'), (10**9, '2,000'), (1500, '1,500')]:
+        with pytest.raises(UsageError, match=f'big.png is over the limit of {limit} pixels'):
+            read_image(tmp_path / 'big.png', max_pixels=max_pixels)
+
+
 # ---- a run folder's model and classes ---------------------------------------------------------------------------
 
 def test_a_run_records_its_classes_and_loads_without_its_data(tiny_run, tmp_path):
