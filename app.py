@@ -42,7 +42,7 @@ def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=
     examples = [str(p) for p in sorted((run / 'examples').glob('*.png'))]
     return SimpleNamespace(run=run, model=model, classes=classes, headline=headline(run), examples=examples,
                            examples_dir=str(run / 'examples'), data=data, device=device, max_file_mb=max_file_mb, max_images=max_images,
-                           max_pixels=max_pixels, interp=None, lock=threading.Lock())
+                           max_pixels=max_pixels, interp=None, worst=None, lock=threading.Lock())
 
 
 def refused(message):

@@ -26,6 +26,13 @@ def skip_or_fail(reason):
     pytest.skip(reason)
 
 
+def need_app():
+    "Skip a test of the app where the [app] extra (gradio, with httpx) is not installed; fail it under CI."
+    import importlib.util
+    for mod in ('gradio', 'httpx'):
+        if not importlib.util.find_spec(mod): skip_or_fail(f'the {mod} package is missing (pip install -e ".[app]")')
+
+
 def make_folder(root, n_train=6, n_test=2, classes=CLASSES, seed=0):
     "A CIFAR-layout folder of 32×32 images whose mean colour depends on the class; PNG and JPEG mixed."
     rng = np.random.default_rng(seed)

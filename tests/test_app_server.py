@@ -1,26 +1,25 @@
 """app.py as a public server, over real HTTP on 127.0.0.1: each limit and odd image refused or read with its message
 while the server serves on, no cross-talk between concurrent requests, and a start without the data set."""
-import importlib.util, json, os, shutil, sys
+import json, os, shutil, sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_here, run_script, skip_or_fail
+from conftest import ROOT, need_app, run_here, run_script
 
 sys.path.insert(0, str(ROOT / 'experiments'))
+from app import PREDICTED  # noqa: E402
 from app_load import Api, AppError, classify, load_test, mistakes, same  # noqa: E402
 
 LIMITS = {'max-file-mb': 1, 'max-images': 3, 'max-pixels': 250_000}  # small, so that the bad files stay small
-PREDICTED = 'the predicted class'
 
 
 @pytest.fixture(scope='module')
 def server(tiny_run, tmp_path_factory):
     "app.py serving the tiny run with small limits, on a free port."
-    for mod in ('gradio', 'httpx'):
-        if not importlib.util.find_spec(mod): skip_or_fail(f'the {mod} package is missing (pip install -e ".[app]")')
+    need_app()
     from app import serving
     log = tmp_path_factory.mktemp('app-server') / 'app.log'
     args = [a for k, v in LIMITS.items() for a in (f'--{k}', v)]
@@ -118,7 +117,7 @@ def test_odd_images_are_read_as_the_picture_they_show(server, tmp_path, model):
 
 def test_concurrent_requests_answer_as_alone(tiny_run):
     "8 clients at once, each its own image, Grad-CAM layer and class, then the misclassified gallery at 4 layers."
-    if not importlib.util.find_spec('gradio'): skip_or_fail('the gradio package is missing (pip install -e ".[app]")')
+    need_app()
     numbers = load_test(tiny_run, clients=8, requests=3, gallery=2, gallery_n=5, say=lambda s: None)
     for phase in ('classify_load', 'mistakes_load'):
         [load] = numbers[phase]
@@ -129,6 +128,7 @@ def test_concurrent_requests_answer_as_alone(tiny_run):
 
 def test_it_starts_and_classifies_without_the_data_set(tiny_run, tmp_path, monkeypatch, model):
     "A run folder alone (no data folder, no CIFAR10_DIR): the page answers, images classify, the gallery says why not."
+    need_app()
     from app import serving
     run = tmp_path / 'copied-run'
     shutil.copytree(tiny_run, run)
@@ -151,7 +151,7 @@ def test_an_impossible_limit_is_one_line(capsys, tiny_run, flag):
 
 def test_a_picture_sent_to_two_requests_at_once_is_never_half_written(tmp_path):
     "The same picture saved by several requests while a client reads it: every read is the whole file (app.atomic_image_cache)."
-    if not importlib.util.find_spec('gradio'): skip_or_fail('the gradio package is missing (pip install -e ".[app]")')
+    need_app()
     import threading
     from gradio import processing_utils as pu
     from app import atomic_image_cache

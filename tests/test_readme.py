@@ -4,7 +4,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT, run_script, skip_or_fail
+from conftest import ROOT, need_app, run_script
 
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 # Every ```python block of the README and docs/, by (page, the heading above it), and the test here that runs it.
@@ -100,8 +100,7 @@ def test_the_export_snippet_runs(tiny_run, tmp_path):
 
 
 def test_the_app_client_snippet_runs(tiny_run, tmp_path):
-    import importlib.util
-    if not importlib.util.find_spec('gradio'): skip_or_fail('the gradio package is missing (pip install -e ".[app]")')
+    need_app()
     from app import serving
     from predict import load_model, predict
     picture = str(photo(tmp_path))
