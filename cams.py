@@ -1,5 +1,5 @@
 """Grad-CAM for the custom ResNet: `gradcam()`, `cams.py --n 10` for a run's mistakes, `cams.py --image` for any image."""
-import json, re, threading
+import json, threading
 from pathlib import Path
 from typing import Annotated
 
@@ -55,7 +55,7 @@ from cli import UsageError, user_errors  # noqa: E402
 from data import cifar_dls, resolve_path  # noqa: E402
 from interpret import denorm, interpret, top_misclassified  # noqa: E402
 from predict import eval_mode, load_model, network_view, predict, read_image, to_input  # noqa: E402
-from report import save_figure  # noqa: E402
+from report import marked, put_section, save_figure  # noqa: E402
 from train import cifar_learner  # noqa: E402
 
 
@@ -157,13 +157,9 @@ def compare_layers(model, interp, idx, x, out):
 
 def add_to_report(report, layer, files, grid, layers_png, note):
     "Put the Grad-CAM section into report.md, replacing the one an earlier cams.py run wrote."
-    start, end = '<!-- cams.py -->', '<!-- /cams.py -->'
-    lines = [start, f'## Grad-CAM of the misclassified test images ({layer})', '', note, '', f'![gradcam]({grid})', '']
+    lines = [f'## Grad-CAM of the misclassified test images ({layer})', '', note, '', f'![gradcam]({grid})', '']
     if layers_png: lines += ['### The same images at every block', '', f'![gradcam_layers]({layers_png})', '']
-    lines += [f'![{f[:-4]}]({f})' for f in files] + ['', end]
-    text = report.read_text() if report.exists() else ''
-    text = re.sub(f'\n?{re.escape(start)}.*?{re.escape(end)}\n?', '\n', text, flags=re.S).rstrip('\n')
-    report.write_text(text + '\n\n' + '\n'.join(lines) + '\n')
+    put_section(report, marked('cams.py', lines + [f'![{f[:-4]}]({f})' for f in files]))
 
 
 def explain(run=None, n=10, layer='layer3', out=None, compare=False, data=None, device=None):
@@ -188,8 +184,8 @@ def explain(run=None, n=10, layer='layer3', out=None, compare=False, data=None, 
     return [out / f for f in [*files, grid] + ([layers_png] if layers_png else [])]
 
 
-def explain_images(images, run=None, layer='layer3', target=None, out=None, data=None, device=None):
-    "Print the top-3 classes of each image file, and save its Grad-CAM beside it (or in `out`); returns the figures."
+def explain_images(images, run=None, layer='layer3', target=None, out=None, data=None, device=None, tta=False):
+    "Print the top-3 classes of each image file (`tta`: with mirror TTA), and save its Grad-CAM beside it (or in `out`)."
     if layer not in BLOCKS: raise UsageError(f'--layer {layer!r} is not a block; choose one of {", ".join(BLOCKS)}')
     images = list(dict.fromkeys(Path(p) for p in images))
     views = [network_view(read_image(p)) for p in images]  # all read first: a bad third image fails before any work
@@ -202,10 +198,11 @@ def explain_images(images, run=None, layer='layer3', target=None, out=None, data
         raise UsageError(f'--target {target!r} is not a class of this run; choose one of {", ".join(classes)}')
     if out: Path(out).mkdir(parents=True, exist_ok=True)
     for path, view, file in zip(images, views, files):
-        ranked = predict(model, view, classes, k=len(classes))  # every class, so that --target's probability is there
+        ranked = predict(model, view, classes, k=len(classes), tta=tta)  # every class: --target's probability is there
         shown = [('pred', ranked[0])] + [('target', p) for p in ranked if p.label == target]
         draw_image(model, view, shown, classes, layer, f'{path.name}: Grad-CAM at {layer}', file)
-        print(f'{path}: ' + ', '.join(f'{p.label} {p.prob:.3f}' for p in ranked[:3]) + f' (Grad-CAM: {file})')
+        print(f'{path}: ' + ', '.join(f'{p.label} {p.prob:.3f}' for p in ranked[:3])
+              + f'{" (mirror TTA)" if tta else ""} (Grad-CAM: {file})')
     return files
 
 
@@ -270,11 +267,13 @@ def main(n: int = 10,                        # how many misclassified test image
          device: str = None,                 # torch device (default: the GPU if there is one)
          # image files to classify and explain instead of the test set: repeat the flag, or list several after it
          image: Annotated[str, {'action': 'extend', 'nargs': '+'}] = None,
-         target: str = None):                # with --image: also draw the Grad-CAM of this class
+         target: str = None,                 # with --image: also draw the Grad-CAM of this class
+         tta: store_true = False):           # with --image: mirror TTA, the mean of each image's and its mirror's logits
     "Draw Grad-CAM for the misclassified test images of a training run, or top-3 classes and Grad-CAM for --image files."
     with user_errors('cams.py'):
         if image:
             if compare_layers: raise UsageError('--compare-layers is for a run\'s test images, not --image')
-            return explain_images(image, run, layer, target, out, data, device)
+            return explain_images(image, run, layer, target, out, data, device, tta)
         if target is not None: raise UsageError('--target needs --image')
+        if tta: raise UsageError('--tta is for --image; a run\'s mirror-TTA accuracy: python experiments/evaluate.py')
         explain(run, n, layer, out, compare_layers, data, device)

@@ -1,5 +1,5 @@
 """The effective receptive field (Luo et al., NeurIPS 2016): how much of its theoretical field a block's unit uses."""
-import json, re, time
+import json, time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,7 @@ from receptive import block_fields, rf_table
 from report import save_figure
 
 __all__ = ['test_images', 'central_gradients', 'mass_radius', 'measure', 'plot_effective_rf', 'rf_section',
-           'put_section', 'receptive_fields']
+           'receptive_fields']
 
 START, END = '<!-- receptive_field -->', '<!-- /receptive_field -->'  # report.md's section, replaced on a redraw
 
@@ -116,15 +116,6 @@ def rf_section(result, table):
     lines += [f"| {b} | {f['rf']} | {f['rf_radius']:g} | {f['init']['r50']:g} | {f['init']['r90']:g} | "
               f"{f['trained']['r50']:g} | {f['trained']['r90']:g} |" for b, f in result['blocks'].items()]
     return '\n'.join(lines + ['', 'Numbers: `receptive_field.json`.', END])
-
-
-def put_section(report, section):
-    "Put `section` into report.md in place of the one an earlier run or redraw wrote; append it if there is none."
-    text = Path(report).read_text() if Path(report).exists() else ''
-    pattern = f'{re.escape(START)}.*?{re.escape(END)}'
-    if re.search(pattern, text, flags=re.S): text = re.sub(pattern, lambda _: section, text, flags=re.S)
-    else: text = text.rstrip('\n') + '\n\n' + section + '\n'
-    Path(report).write_text(text)
 
 
 def receptive_fields(model, dl, seed, out, n=256):

@@ -1,5 +1,5 @@
 """A run folder's figures and its report.md, drawn headless from the files the run wrote."""
-import csv, json
+import csv, json, re
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +7,8 @@ from matplotlib.figure import Figure  # no pyplot: no display, no global backend
 
 from lrfind import DESCENT
 
-__all__ = ['read_csv', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report', 'headline']
+__all__ = ['read_csv', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report', 'marked',
+           'put_section', 'evaluation_section', 'headline']
 
 DPI = 100
 
@@ -95,8 +96,12 @@ def write_report(folder, config, found, sections=()):
              + (f", subset {config['subset']}" if config.get('subset') else '')
              + f", on {config['device_name']}.", '',
              '| | |', '|---|---|']
+    final = config.get('test_metrics') or {}
     if rows:
-        lines += [f"| final test accuracy | **{100 * last['test_acc']:.2f}%** (epoch {last['epoch']:.0f}) |",
+        lines += [f"| final test accuracy | **{100 * last['test_acc']:.2f}%** (epoch {last['epoch']:.0f}) |"]
+        if 'test_acc_tta' in final: lines += [f"| with mirror TTA | {100 * final['test_acc_tta']:.2f}% |"]
+        if 'ece' in final: lines += [f"| calibration error (ECE) | {100 * final['ece']:.2f}% |"]
+        lines += [
                   f"| best test accuracy | {100 * best['test_acc']:.2f}% (epoch {best['epoch']:.0f}) |",
                   f"| final train accuracy | {100 * last['train_acc']:.2f}% |",
                   f"| training time | {sum(r['seconds'] for r in rows):.1f} s ({len(rows)} epochs) |"]
@@ -118,6 +123,37 @@ def write_report(folder, config, found, sections=()):
     return folder / 'report.md'
 
 
+def marked(key, lines):
+    "A report.md section: `lines` between the markers named `key`, which `put_section` finds again."
+    return '\n'.join([f'<!-- {key} -->', *lines, f'<!-- /{key} -->'])
+
+
+def put_section(report, section):
+    "Put `section` (from `marked`) into report.md in place of the one with the same markers, else at the end."
+    report, start = Path(report), section.split('\n', 1)[0]
+    end = start.replace('<!-- ', '<!-- /', 1)
+    text = report.read_text() if report.exists() else ''
+    pattern = re.compile(f'{re.escape(start)}.*?{re.escape(end)}', flags=re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip('\n') + '\n\n' + section
+    report.write_text(text.rstrip('\n') + '\n')
+
+
+def evaluation_section(m, figure='calibration.png'):
+    "report.md's section on the final model's test numbers `m` (`predict.evaluate`'s metrics) and its reliability diagram."
+    rows = [('accuracy', f"{100 * m['test_acc']:.2f}%", "the recipe's number: each test image once, as trained")]
+    if 'test_acc_tta' in m:
+        rows.append(('accuracy, mirror TTA', f"{100 * m['test_acc_tta']:.2f}%",
+                     'the mean of the logits of each image and of its left-right mirror (cifar10-fast\'s TTA)'))
+    rows += [('expected calibration error', f"{100 * m['ece']:.2f}%",
+              'the mean gap between confidence and accuracy, 15 equal-width bins on the top class (Guo et al. 2017)'),
+             ('negative log-likelihood', f"{m['nll']:.4f}", 'the mean of −log p(true class): the test loss')]
+    return marked('evaluation', ['## Final test evaluation', '',
+             f"All {m['n_images']:,} test images, in {m.get('precision', 'the run’s precision')}; "
+             'the calibration is that of the plain (no TTA) probabilities.', '',
+             '| measure | value | what it is |', '|---|---|---|', *[f'| {a} | {b} | {c} |' for a, b, c in rows], '',
+             f'![reliability diagram]({figure})'])
+
+
 def _fmt(k, v):
     if k == 'epoch': return f'{v:.0f}'
     if k.endswith('acc'): return f'{100 * v:.2f}%'
@@ -131,5 +167,7 @@ def headline(run):
     config, rows = json.loads((run / 'config.json').read_text()), read_csv(run / 'metrics.csv')
     device = config.get('device', '?')
     if config.get('device_name') and config['device_name'] != device: device += f' ({config["device_name"]})'
-    return (f'test accuracy {100 * rows[-1]["test_acc"]:.2f}% after {len(rows)} of {config.get("epochs", len(rows))} '
-            f'epochs on {device}; {config.get("n_train", "?")} training and {config.get("n_test", "?")} test images')
+    tta = config.get('test_metrics', {}).get('test_acc_tta')
+    return (f'test accuracy {100 * rows[-1]["test_acc"]:.2f}%' + (f' ({100 * tta:.2f}% with mirror TTA)' if tta else '')
+            + f' after {len(rows)} of {config.get("epochs", len(rows))} epochs on {device}; '
+            f'{config.get("n_train", "?")} training and {config.get("n_test", "?")} test images')

@@ -10,7 +10,8 @@ from fastcore.script import call_parse
 from cams import find_run
 from cli import UsageError, user_errors
 from data import cifar_dls
-from effective_rf import put_section, receptive_fields
+from effective_rf import receptive_fields
+from report import put_section
 from predict import load_model
 
 

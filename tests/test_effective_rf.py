@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from conftest import run_here, run_script
-from effective_rf import START, central_gradients, mass_radius, put_section
+from effective_rf import START, central_gradients, mass_radius
+from report import marked, put_section
 
 
 def ones_net():
@@ -40,9 +41,12 @@ def test_put_section_replaces_its_own_section_only(tmp_path):
     report = tmp_path / 'report.md'
     report.write_text('# Run\n\ntext\n')
     put_section(report, f'{START}\none\n<!-- /receptive_field -->')
+    put_section(report, marked('other', ['other one']))
     put_section(report, f'{START}\ntwo\n<!-- /receptive_field -->')
+    put_section(report, marked('other', ['other two']))
     text = report.read_text()
     assert text.startswith('# Run\n\ntext\n') and text.count(START) == 1 and 'two' in text and 'one' not in text
+    assert text.index('\ntwo') < text.index('other two')  # each replaced where it was
 
 
 def test_redraw_on_a_finished_run(tiny_run, tmp_path):
