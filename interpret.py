@@ -12,7 +12,9 @@ from matplotlib.figure import Figure
 from report import save_figure
 
 __all__ = ['interpret', 'top_misclassified', 'denorm', 'most_confused', 'plot_misclassified', 'plot_confusion',
-           'save_test_examples']
+           'save_test_examples', 'ECE_BINS', 'calibration_bins', 'expected_calibration_error', 'plot_reliability']
+
+ECE_BINS = 15  # Guo et al. 2017's equal-width bins on the top class's probability
 
 
 def interpret(learn, dl=None):
@@ -97,3 +99,45 @@ def save_test_examples(dl, folder, n=10):
         Image.fromarray(dl.images[dl.rows[i]].cpu().permute(1, 2, 0).numpy()).save(path)  # PNG: the pixels as stored
         paths.append(path)
     return paths
+
+
+# ---- how far the probabilities can be trusted: calibration (Guo et al., "On Calibration of Modern Neural Networks", 2017)
+
+def calibration_bins(probs, targs, n_bins=ECE_BINS):
+    "Per equal-width bin of the top class's probability over [0, 1]: (count, mean confidence, accuracy) as numpy arrays."
+    probs, targs = torch.as_tensor(probs).float(), torch.as_tensor(targs)
+    conf, pred = probs.max(1)
+    # Bin b holds confidences in (b/n, (b+1)/n], as torchmetrics' MulticlassCalibrationError bins them; 0 goes to bin 0.
+    b = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
+    count = torch.bincount(b, minlength=n_bins).double()
+    conf_sum = torch.bincount(b, weights=conf.double(), minlength=n_bins)
+    right_sum = torch.bincount(b, weights=(pred == targs).double(), minlength=n_bins)
+    seen = count.clamp(min=1)  # an empty bin has mean 0 and weight 0
+    return count.numpy(), (conf_sum / seen).numpy(), (right_sum / seen).numpy()
+
+
+def expected_calibration_error(probs, targs, n_bins=ECE_BINS):
+    "ECE: the mean over all images of |accuracy − confidence| of their bin, each bin weighted by its share of the images."
+    count, conf, acc = calibration_bins(probs, targs, n_bins)
+    return float((count * np.abs(acc - conf)).sum() / count.sum())
+
+
+def plot_reliability(probs, targs, path, title='test set', n_bins=ECE_BINS):
+    "The reliability diagram: accuracy against confidence per bin, the gap to the diagonal, and how many images each bin holds."
+    count, conf, acc = calibration_bins(probs, targs, n_bins)
+    edges = np.linspace(0, 1, n_bins + 1)
+    mid, width, seen = (edges[:-1] + edges[1:]) / 2, 1 / n_bins, count > 0
+    ece = expected_calibration_error(probs, targs, n_bins)
+    fig = Figure(figsize=(5.5, 6.5))
+    ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=(3, 1)))
+    ax.bar(mid[seen], acc[seen], width, color='tab:blue', edgecolor='white', label='accuracy of the bin')
+    # The gap from each bin's accuracy to its mean confidence, hatched: above the bar, over-confident; inside, under-.
+    ax.bar(mid[seen], (conf - acc)[seen], width, bottom=acc[seen], facecolor='none', edgecolor='tab:red', hatch='///',
+           lw=0.8, label='gap to its mean confidence')
+    ax.plot([0, 1], [0, 1], 'k--', lw=1, label='perfect calibration')
+    ax.set(ylabel='accuracy', xlim=(0, 1), ylim=(0, 1), title=f'reliability, {title}: ECE {100 * ece:.2f}%')
+    ax.legend(loc='upper left', fontsize=8)
+    hist.bar(mid, count, width, color='grey', edgecolor='white')
+    hist.set(yscale='log', xlabel=f'confidence (probability of the predicted class), {n_bins} bins', ylabel='images',
+             title=f'{int(count.sum()):,} images, per bin')
+    return save_figure(fig, path)

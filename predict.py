@@ -6,9 +6,12 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
+from fastai.callback.core import Callback
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.transforms import IndexSplitter, ItemGetter, Normalize
+from fastcore.basics import noop
 from fastai.vision.augment import Resize, ResizeMethod
 from fastai.vision.core import PILImage, cifar_stats
 from fastai.vision.data import ImageBlock
@@ -16,10 +19,12 @@ from fastai.vision.data import ImageBlock
 from arch import custom_resnet
 from cli import UsageError, torch_device
 from data import SIZE, DataError, cifar_dls, scan_folder  # SIZE: the network's input is SIZE×SIZE, as the data's
-from train import ScaledCrossEntropy, cifar_learner
+from interpret import expected_calibration_error
+from train import ChannelsLastBatches, ScaledCrossEntropy, auto_precision, cifar_learner
 
 __all__ = ['CIFAR10_CLASSES', 'SIZE', 'Prediction', 'read_image', 'network_view', 'to_input', 'preprocess', 'predict',
-           'eval_mode', 'run_classes', 'load_model', 'evaluate_run', 'RGBImage', 'inference_dls', 'export_learner']
+           'eval_mode', 'mirror_tta', 'run_classes', 'load_model', 'Mirror', 'Evaluation', 'evaluate', 'native_precision',
+           'evaluate_run', 'RGBImage', 'inference_dls', 'export_learner']
 
 # CIFAR-10's classes in label order, which is also the sorted order of its folders and so of `dls.vocab`.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -117,11 +122,18 @@ def eval_mode(model):
         if was_training: model.train()
 
 
-def predict(model, img, classes, k=3):
+def mirror_tta(model, x):
+    "Mirror test-time augmentation, as cifar10-fast does it: the mean of the logits of each image in `x` and of its mirror."
+    return (model(x) + model(x.flip(-1))) / 2
+
+
+def predict(model, img, classes, k=3, tta=False):
     "The `k` likeliest `classes` of `img` (a path, PIL image, or H×W×3 uint8 0–255 or float 0–1 array or tensor)."
+    # tta: average the logits of the image and of its left-right mirror (`mirror_tta`).
     if k < 1: raise UsageError(f'k must be at least 1, got {k}')
     x = preprocess(img).to(next(model.parameters()).device)  # on the model's device; the model is not moved
-    with eval_mode(model), torch.no_grad(): logits = model(x)  # BatchNorm's running statistics, not a batch of one's
+    with eval_mode(model), torch.no_grad():  # BatchNorm's running statistics, not a batch of one's
+        logits = mirror_tta(model, x) if tta else model(x)
     if logits.shape[1] != len(classes):
         raise UsageError(f'the model has {logits.shape[1]} outputs but {len(classes)} class names were given')
     # The loss's own activation, softmax(scale × logits): the probabilities the run trained. `load_model` gives the model
@@ -162,19 +174,68 @@ def load_model(run, device=None, data=None):
     return model.to(dev).eval(), run_classes(run, model.head.fc.out_features, data)
 
 
-def evaluate_run(run, data, state=None, device='cpu'):
-    "A run's (test loss, test accuracy) over all its test images in `data`, as its last epoch measured them; `state`: other weights."
-    # fastai's `validate`, with the run's batch size, subset, precision and memory layout: the numbers of its
-    # metrics.csv, so that a shipped model.pth can be checked against them.
+class Mirror(Callback):
+    "Every batch mirrored left to right before it reaches the model: the second pass of `evaluate`'s mirror TTA."
+    # Not fastai's `Learner.tta`: that averages four passes with the *training* augmentations (here random crops and
+    # Cutout, which hides part of each image) and blends them 3:1 with the plain pass: neither cifar10-fast's TTA nor
+    # repeatable without a seed.
+    order = ChannelsLastBatches.order - 1  # flipped before any change of memory layout
+    def before_batch(self): self.learn.xb = tuple(x.flip(-1) for x in self.xb)
+
+
+class Evaluation(NamedTuple):
+    "A model's final numbers on a test set (`metrics`), and the probabilities (plain and mirror-TTA) and targets behind them."
+    metrics: dict
+    probs: torch.Tensor
+    targs: torch.Tensor
+    tta_probs: torch.Tensor = None
+
+
+def evaluate(learn, dl=None, tta=True):
+    "The test set's accuracy with and without mirror TTA, its NLL and its expected calibration error, by fastai's `get_preds`."
+    # Two passes in the learner's own precision and layout: the images, then their mirrors. The accuracy without TTA
+    # is the recipe's number (metrics.csv's last test_acc); the calibration is that of the same, plain, probabilities.
+    dl = dl if dl is not None else learn.dls.valid
+    with learn.no_bar(), learn.no_logging():
+        logits, targs = learn.get_preds(dl=dl, act=noop)
+        if tta: mirrored, _ = learn.get_preds(dl=dl, act=noop, cbs=Mirror())
+    scale = learn.loss_func.scale
+    logits, targs = logits.float(), targs.long()
+    probs = F.softmax(scale * logits, dim=1)
+    metrics = dict(test_acc=(logits.argmax(1) == targs).float().mean().item())
+    tta_probs = F.softmax(scale * (logits + mirrored.float()) / 2, dim=1) if tta else None
+    if tta: metrics['test_acc_tta'] = (tta_probs.argmax(1) == targs).float().mean().item()
+    # The mean negative log-likelihood of the true class: the test loss, since the loss is plain cross-entropy.
+    metrics.update(nll=F.cross_entropy(scale * logits, targs).item(), ece=expected_calibration_error(probs, targs),
+                   n_images=len(targs))
+    return Evaluation(metrics, probs, targs, tta_probs)
+
+
+def native_precision(precision, device):
+    "The precision to evaluate a `precision` run in on `device`: its own where the hardware runs it natively, else fp32."
+    # On a CPU without AMX or AVX-512 BF16, bf16 is emulated, several times slower than fp32 (7 min for the shipped
+    # model's test set on such a machine): fp32 there, at a measured cost in agreement (docs/reliability.md).
+    if precision == 'bf16' and auto_precision(device)[0] != 'bf16': return 'fp32'
+    return precision
+
+
+def evaluate_run(run, data, state=None, device='cpu', precision=None, bs=None, tta=True):
+    "A run's `Evaluation` over all its test images in `data`: its plain accuracy is its last epoch's; `state`: other weights."
+    # fastai's `get_preds`, with the run's subset and memory layout, and its precision where it is native here
+    # (`native_precision`; `precision` overrides): the numbers of its metrics.csv, so that a shipped model.pth can be
+    # checked against them. In eval mode each image's answer does not depend on its batch, so `bs` changes only speed.
     run = Path(run)
     config = json.loads((run / 'config.json').read_text())
-    dls = cifar_dls(data, bs=config.get('bs', 512), subset=config.get('subset'), device=device, verbose=False)
+    dls = cifar_dls(data, bs=bs or config.get('bs', 512), subset=config.get('subset'), device=device, verbose=False)
     model, _ = load_model(run, dls.device, data)
     if state is not None: model.load_state_dict(state)
-    learn = cifar_learner(dls, model, logit_scale=model.logit_scale, precision=config.get('precision', 'fp32'),
-                          channels_last=config.get('channels_last', False))
-    with learn.no_bar(), learn.no_logging(): loss, acc = learn.validate()
-    return float(loss), float(acc)
+    precision = precision or native_precision(config.get('precision', 'fp32'), dls.device)
+    own = precision == config.get('precision', 'fp32')  # the run's layout with its own precision
+    learn = cifar_learner(dls, model, logit_scale=model.logit_scale, precision=precision,
+                          channels_last=own and config.get('channels_last', False))
+    ev = evaluate(learn, tta=tta)
+    ev.metrics['precision'] = precision
+    return ev
 
 
 # ---- fastai's way to share a model: learn.export() and load_learner --------------------------------------------

@@ -32,7 +32,8 @@ def main(run: str,                  # run folder with model.pth (fp32)
             raise RunError(f'{file} has values beyond fp16\'s range; keep it in fp32')
         data = run_data(Path(run), data)
         # Inference loads them into an fp32 model (load_state_dict copies): only the rounding differs.
-        (l32, a32), (l16, a16) = evaluate_run(run, data, full), evaluate_run(run, data, half)
+        (l32, a32), (l16, a16) = ((m['nll'], m['test_acc']) for m in (evaluate_run(run, data, w, tta=False).metrics
+                                                                     for w in (full, half)))
         print(f'fp32 weights: test accuracy {100 * a32:.2f}%, loss {l32:.4f}, {megabytes(full):.1f} MB', flush=True)
         print(f'fp16 weights: test accuracy {100 * a16:.2f}%, loss {l16:.4f}, {megabytes(half):.1f} MB', flush=True)
         drop = 100 * (a32 - a16)

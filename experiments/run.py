@@ -16,12 +16,12 @@ from arch import write_summary
 from cli import RunError, UsageError, on_interrupt, torch_device, user_errors
 from data import cifar_dls
 from effective_rf import receptive_fields
-from interpret import interpret, most_confused, plot_confusion, plot_misclassified, save_test_examples
-from report import plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
+from interpret import interpret, most_confused, plot_confusion, plot_misclassified, plot_reliability, save_test_examples
+from report import evaluation_section, plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
 from callbacks import (ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, saved_epoch,
                        truncate_logs)
 from lrfind import find_lrs
-from predict import export_learner
+from predict import evaluate, export_learner
 from train import (PEAK, PRECISIONS, broadcast, cifar_learner, concrete_precision, device_name, distributed,
                    fit_assignment, single_process, use_cudnn)
 
@@ -260,11 +260,16 @@ def finish(learn, config, lr, out, t_start):
     "Rank 0, after training: the figures, config.json and report.md, then the model."
     pairs = explain(learn, config, lr, out)
     t = time.perf_counter()
+    ev = evaluate(learn)  # the test set with and without mirror TTA, and how well calibrated its probabilities are
+    config['test_metrics'] = dict(ev.metrics, precision=config['precision'])
+    plot_reliability(ev.probs, ev.targs, out / 'calibration.png')
+    config['seconds']['evaluate'] = round(time.perf_counter() - t, 2)
+    t = time.perf_counter()
     fields = receptive_fields(learn.model, learn.dls.valid, config['seed'], out)  # 256 test images, or all there are
     config['seconds']['receptive_field'] = round(time.perf_counter() - t, 2)
     config['seconds']['total'] = round(time.perf_counter() - t_start, 2)  # of this process, when resumed
     save_json(out / 'config.json', config)
-    write_report(out, config, lr, [mistakes_section(pairs), fields])
+    write_report(out, config, lr, [mistakes_section(pairs), evaluation_section(config['test_metrics']), fields])
     save_test_examples(learn.dls.valid, out / 'examples', n=10)  # app.py's examples: it starts without the data set
     if config.get('tensorboard'):
         from tensorboard_log import log_figures
@@ -275,8 +280,9 @@ def finish(learn, config, lr, out, t_start):
     # Last, since model.pth marks a finished run: stopped before it, --resume draws the figures again.
     torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
     (out / 'checkpoint.pth').unlink(missing_ok=True)  # model.pth holds the weights now
-    last = read_csv(out / 'metrics.csv')[-1]
-    print(f'test accuracy {100 * last["test_acc"]:.2f}% after {config["epochs"]} epochs; run folder {out}')
+    last, m = read_csv(out / 'metrics.csv')[-1], config['test_metrics']
+    print(f'test accuracy {100 * last["test_acc"]:.2f}% after {config["epochs"]} epochs ({100 * m["test_acc_tta"]:.2f}% with '
+          f'mirror TTA; calibration error {100 * m["ece"]:.2f}%); run folder {out}')
     return out
 
 

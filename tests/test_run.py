@@ -11,7 +11,7 @@ from lrfind import from_curve
 
 FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
          'export.pkl', 'summary.txt', 'config.json', 'report.md', 'misclassified.png', 'confusion.png', 'receptive_field.png',
-         'receptive_field.json', 'examples']
+         'receptive_field.json', 'examples', 'calibration.png']
 
 
 def check_run_folder(out, epochs, finder=True):
@@ -49,6 +49,14 @@ def check_run_folder(out, epochs, finder=True):
     fields = json.loads((out / 'receptive_field.json').read_text())
     assert fields['n_images'] == min(256, config['n_test']) and list(fields['blocks']) == ['prep', 'layer1', 'layer2', 'layer3']
     assert 'receptive_field' in config['seconds']
+    # The final evaluation is the last epoch's own pass over the test set, plus the mirrored one and the calibration.
+    final = config['test_metrics']
+    # The same model on the same batches; on a GPU, cuDNN may pick other kernels, which can move one image.
+    assert final['test_acc'] == pytest.approx(float(rows[-1]['test_acc']), abs=1.01 / config['n_test'])
+    assert final['nll'] == pytest.approx(float(rows[-1]['test_loss']), rel=1e-3) and 0 <= final['ece'] <= 1
+    assert final['n_images'] == config['n_test']
+    assert 0 <= final['test_acc_tta'] <= 1 and 'evaluate' in config['seconds']
+    assert '## Final test evaluation' in report and f"| accuracy, mirror TTA | {100 * final['test_acc_tta']:.2f}% |" in report
     return rows, config
 
 
@@ -117,7 +125,7 @@ def test_tensorboard_logs_steps_epochs_and_figures(tiny, tmp_path):
     assert {'figures/lr_find', 'figures/confusion', 'figures/misclassified'} <= set(events.Tags()['images'])
 
 
-@pytest.mark.parametrize('script', ['experiments/run.py', 'cams.py', 'experiments/bench.py'])
+@pytest.mark.parametrize('script', ['experiments/run.py', 'cams.py', 'experiments/bench.py', 'experiments/evaluate.py'])
 def test_commands_start_without_warnings(script):
     "fastai's import-time FutureWarning (torch.jit.script) is filtered at every entry point, with no help from pytest."
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONWARNINGS'}

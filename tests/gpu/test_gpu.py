@@ -3,7 +3,7 @@
 Skipped without CUDA. On a GPU machine: `CIFAR10_DIR=<cifar10 folder> python -m pytest tests/gpu` (or CIFAR10_TGZ
 pointing at the lossless archive). The CPU suite cannot see device mismatches: these tests are where they show.
 """
-import json, signal, subprocess, sys, time
+import json, re, signal, subprocess, sys, time
 from pathlib import Path
 
 import pytest
@@ -39,6 +39,18 @@ def test_cams_on_the_gpu(gpu_run, tmp_path):
     r = run_script('cams.py', '--n', 4, '--run', gpu_run, '--out', tmp_path, '--compare-layers')
     assert r.returncode == 0, r.stderr[-3000:]
     assert {'gradcam.png', 'gradcam_04.png', 'gradcam_layers.png'} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_evaluate_on_the_gpu(gpu_run):
+    "experiments/evaluate.py on the GPU (bf16, channels-last, the Mirror callback on CUDA batches): the run's own numbers."
+    r = run_script('experiments/evaluate.py', '--run', gpu_run, '--device', 'cuda', '--dry-run')
+    assert r.returncode == 0, r.stderr[-3000:]
+    recorded = json.loads((gpu_run / 'config.json').read_text())['test_metrics']
+    shown = re.search(r'test accuracy ([\d.]+)%, ([\d.]+)% with mirror TTA', r.stdout)
+    assert shown and recorded['precision'] == 'bf16', r.stdout
+    # 400 test images: one image is 0.25 points, and cuDNN may pick other kernels than in the run.
+    assert abs(float(shown[1]) - 100 * recorded['test_acc']) <= 0.26, (r.stdout, recorded)
+    assert abs(float(shown[2]) - 100 * recorded['test_acc_tta']) <= 0.26, (r.stdout, recorded)
 
 
 def killed(cifar10, out, epochs=4):
