@@ -26,9 +26,13 @@ QUEUE = 64                       # requests waiting beyond those; the next is to
 # Gradio keeps a copy of the page's state for each session, and every API call is a session of its own: 10,000 by
 # default, some 60 kB each in RSS. The app keeps no state between requests, so a few hundred are plenty.
 SESSIONS = 200
+# Gradio's Label rounds each bar's percentage to a whole number, so 99.96% reads "100%": its bars keep the class names
+# and lengths, and the numbers shown are the table's beside them, cut to one decimal (`percent`).
+CSS = '#prediction .confidence { display: none; }'
 
 
-def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS):
+def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS,
+         tta=False):
     "What the app needs to start: the run's model, classes, headline and example images; no data set."
     from cams import find_run
     from predict import load_model
@@ -42,7 +46,12 @@ def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=
     examples = [str(p) for p in sorted((run / 'examples').glob('*.png'))]
     return SimpleNamespace(run=run, model=model, classes=classes, headline=headline(run), examples=examples,
                            examples_dir=str(run / 'examples'), data=data, device=device, max_file_mb=max_file_mb, max_images=max_images,
-                           max_pixels=max_pixels, interp=None, worst=None, lock=threading.Lock())
+                           max_pixels=max_pixels, tta=tta, interp=None, worst=None, lock=threading.Lock())
+
+
+def percent(p):
+    "A probability as a percentage with one decimal, cut rather than rounded: 0.9996 is 99.9%, never a sure-looking 100%."
+    return f'{math.floor(round(p * 1000, 6)) / 10:.1f}%'  # round(…, 6) first: 0.123 * 1000 is 122.99999999999999
 
 
 def refused(message):
@@ -72,9 +81,9 @@ def classify(st, files, k, layer, target, opacity):
     labels, gallery, rows = None, [], ['| image | ' + ' | '.join(f'#{i + 1}' for i in range(int(k))) + ' |',
                                        '|---' * (int(k) + 1) + '|']
     for path, view in zip(paths, views):
-        top = predict(st.model, view, st.classes, k=int(k))
+        top = predict(st.model, view, st.classes, k=int(k), tta=st.tta)
         labels = labels or {p.label: p.prob for p in top}
-        rows.append(f'| {path.name} | ' + ' | '.join(f'{p.label} {p.prob:.3f}' for p in top) + ' |')
+        rows.append(f'| {path.name} | ' + ' | '.join(f'{p.label} {percent(p.prob)}' for p in top) + ' |')
         cls = top[0].label if target == PREDICTED else target
         cam = view_cam(st.model, view, layer, st.classes.index(cls)) if opacity > 0 else None
         gallery.append((cam_overlay(view, cam, opacity, SCALE), f'{path.name}: Grad-CAM of {cls} at {layer}'
@@ -136,7 +145,8 @@ def build(st, concurrency=CONCURRENCY):
     atomic_image_cache()
     # Gradio's cache of uploads and of the pictures it sends: files older than an hour go, checked every 10 minutes.
     with gr.Blocks(title='ResNet-9 on CIFAR-10', analytics_enabled=False, delete_cache=(600, 3600)) as demo:
-        gr.Markdown(f'## ResNet-9 on CIFAR-10\n`{st.run.name}`: {st.headline}', elem_id='headline')
+        tta = ' Probabilities with mirror TTA: the mean of the image\'s and its mirror\'s logits.' if st.tta else ''
+        gr.Markdown(f'## ResNet-9 on CIFAR-10\n`{st.run.name}`: {st.headline}.{tta}', elem_id='headline')
         with gr.Row():
             k = gr.Slider(1, len(st.classes), value=3, step=1, label='top k classes', elem_id='k')
             layer = gr.Radio(list(LAYERS), value='layer3', label='Grad-CAM layer', elem_id='layer')
@@ -157,8 +167,8 @@ def build(st, concurrency=CONCURRENCY):
                                     examples_per_page=10)
                 with gr.Column():
                     label = gr.Label(num_top_classes=len(st.classes), label='prediction (first image)', elem_id='prediction')
+                    table = gr.Markdown(elem_id='table')
                     cams = gr.Gallery(label='Grad-CAM', columns=3, height='auto', object_fit='contain', format='png', elem_id='cams')
-            table = gr.Markdown(elem_id='table')
             inputs = [files, k, layer, target, opacity]
 
             def classify_images(files, k, layer, target, opacity):
@@ -241,6 +251,7 @@ def main(run: str = None,          # run folder (default: the newest finished on
          max_pixels: int = MAX_PIXELS,      # most pixels in one image (width × height), checked before decoding
          concurrency: int = CONCURRENCY,    # requests served at once
          queue: int = QUEUE,                # requests that may wait beyond those
+         tta: store_true = False,  # mirror TTA: each image's probabilities from its and its mirror's mean logits
          share: store_true = False):  # also ask Gradio for a public share link (it goes through gradio.live)
     "Serve a Gradio app for a trained run: top-k classes and Grad-CAM of uploaded images, and the misclassified test images."
     offline()
@@ -249,7 +260,7 @@ def main(run: str = None,          # run folder (default: the newest finished on
         for flag, v in (('max-file-mb', max_file_mb), ('max-images', max_images), ('max-pixels', max_pixels),
                         ('concurrency', concurrency), ('queue', queue)):
             if v < 1: raise UsageError(f'--{flag} must be at least 1, got {v}')
-        st = load(run, data, device, max_file_mb, max_images, max_pixels)
+        st = load(run, data, device, max_file_mb, max_images, max_pixels, tta)
         demo = build(st, concurrency)
     host = host or os.environ.get('GRADIO_SERVER_NAME', '127.0.0.1')  # a Space sets 0.0.0.0
     port = port or int(os.environ.get('GRADIO_SERVER_PORT', 7860))
@@ -257,4 +268,4 @@ def main(run: str = None,          # run folder (default: the newest finished on
           f'{max_pixels:,} pixels a request; {concurrency} at once, {queue} waiting)', flush=True)
     demo.queue(max_size=queue).launch(server_name=host, server_port=port, share=share, ssr_mode=False,
                                       max_file_size=max_file_mb * 2**20, state_session_capacity=SESSIONS,
-                                      allowed_paths=[st.examples_dir])
+                                      allowed_paths=[st.examples_dir], css=CSS)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from app import percent
 from conftest import ROOT, run_here
 
 sys.path.insert(0, str(ROOT / 'experiments'))
@@ -48,7 +49,7 @@ def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
     broken = tmp_path / 'broken.png'
     broken.write_bytes(odd.read_bytes()[:200])  # a truncated PNG
     model, classes = load_model(tiny_run, 'cpu')
-    want = predict(model, odd, classes, k=1)[0].label
+    want, prob = predict(model, odd, classes, k=1)[0]
     with local_page(browser_ready) as (page, outside):
         page.goto(served)
         assert 'test accuracy' in page.inner_text('#headline')
@@ -56,6 +57,9 @@ def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
         page.set_input_files('#upload input[type=file]', odd)
         page.wait_for_selector('#cams img', timeout=120_000)
         assert page.inner_text('#prediction [data-testid=label-output-value]').strip() == want
+        # The numbers shown are the table's, with one decimal; the label's whole-percent rounding is hidden.
+        assert f'{want} {percent(prob)}' in page.inner_text('#table')
+        assert not page.locator('#prediction .confidence').first.is_visible()
         assert f'Grad-CAM of {want} at layer3' in page.inner_text('#cams')
         before = page.get_attribute('#cams img', 'src')
 
@@ -89,6 +93,11 @@ def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
                                timeout=120_000)
         assert 'predicted' in page.inner_text('#mistakes')
     assert outside == [], f'the page tried to load from outside the machine: {outside}'
+
+
+def test_percent_has_one_decimal_and_never_rounds_up_to_certainty():
+    assert [percent(p) for p in (0.9996, 0.99999, 1.0, 0.123, 0.5, 0.0004, 0.0)] == \
+        ['99.9%', '99.9%', '100.0%', '12.3%', '50.0%', '0.0%', '0.0%']
 
 
 def test_a_bad_run_is_one_line_before_any_server(capsys, tmp_path):

@@ -43,11 +43,11 @@ def picture(path, size=(40, 30), seed=0):
     return a
 
 
-def expect(model, img):
+def expect(model, img, tta=False):
     "What the app should answer for `img` as the top-3 (label, probability) pairs: predict.py's own answer."
     from predict import predict
     net, classes = model
-    return [(p.label, p.prob) for p in predict(net, img, classes, k=3)]
+    return [(p.label, p.prob) for p in predict(net, img, classes, k=3, tta=tta)]
 
 
 def refused(api, files, message):
@@ -141,6 +141,16 @@ def test_it_starts_and_classifies_without_the_data_set(tiny_run, tmp_path, monke
         assert same(classify(api, example, 'layer2', PREDICTED)[0], expect(model, example))
         with pytest.raises(AppError, match='the misclassified test images need the test set'): mistakes(api, 5, 'layer3')
         assert same(classify(api, example, 'layer2', PREDICTED)[0], expect(model, example))
+
+
+def test_with_tta_it_answers_with_mirror_tta(tiny_run, tmp_path, model):
+    need_app()
+    from app import serving
+    img = tmp_path / 'x.png'
+    picture(img, seed=3)
+    with serving(tiny_run, log=tmp_path / 'app.log', args=['--tta']) as s:
+        got = classify(Api(s.url), img, 'layer3', PREDICTED)[0]
+    assert same(got, expect(model, img, tta=True)) and not same(got, expect(model, img)), got
 
 
 @pytest.mark.parametrize('flag', LIMITS)
