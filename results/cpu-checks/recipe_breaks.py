@@ -1,6 +1,7 @@
 """Break the recipe one change at a time, in a copy of this checkout, and run the test meant to catch each change.
 
 python results/cpu-checks/recipe_breaks.py > results/cpu-checks/recipe-tests.log
+python results/cpu-checks/recipe_breaks.py 32 33 … > results/cpu-checks/evaluation-tests.log  (only the breaks numbered)
 Every line should say FAILED: the test caught the break. The last line runs the same tests on the unbroken copy.
 """
 import os, shutil, subprocess, sys, tempfile, time
@@ -8,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 R, T, P = 'tests/test_recipe.py::', 'tests/test_reliability.py::', 'tests/test_predict.py::'
+E = 'tests/test_evaluate.py::'
 
 # (what the break does, file, text, replacement, the test that should fail)
 BREAKS = [
@@ -76,6 +78,32 @@ BREAKS = [
     ('the finder at each process\'s share of the batch', 'experiments/run.py',
      'finder = make_learner(cifar_dls(s.data, bs=s.bs,', 'finder = make_learner(cifar_dls(s.data, bs=s.bs // world,',
      'tests/test_distributed.py'),
+    # The final evaluation: mirror TTA, calibration, evaluate.py, and where they are shown.
+    ('ECE unweighted by the bins\' sizes', 'interpret.py', 'return float((count * np.abs(acc - conf)).sum() / count.sum())',
+     'return float(np.abs(acc - conf)[count > 0].mean())', E + 'test_ece_solved_by_hand'),
+    ('ECE unweighted, against torchmetrics', 'interpret.py', 'return float((count * np.abs(acc - conf)).sum() / count.sum())',
+     'return float(np.abs(acc - conf)[count > 0].mean())', E + 'test_ece_matches_torchmetrics'),
+    ('ECE on 10 bins', 'interpret.py', 'ECE_BINS = 15', 'ECE_BINS = 10', E + 'test_ece_matches_torchmetrics'),
+    ('no mirror in the TTA pass', 'predict.py', 'def before_batch(self): self.learn.xb = tuple(x.flip(-1) for x in self.xb)',
+     'def before_batch(self): self.learn.xb = tuple(x for x in self.xb)',
+     E + 'test_evaluate_mirror_tta_and_calibration_on_a_trained_run'),
+    ('the TTA pass flipped upside down', 'predict.py', 'def before_batch(self): self.learn.xb = tuple(x.flip(-1) for x in self.xb)',
+     'def before_batch(self): self.learn.xb = tuple(x.flip(-2) for x in self.xb)',
+     E + 'test_evaluate_mirror_tta_and_calibration_on_a_trained_run'),
+    ("predict's TTA without the mirror", 'predict.py', 'return (model(x) + model(x.flip(-1))) / 2', 'return model(x)',
+     E + 'test_predict_with_tta_is_the_mean_of_the_image_and_its_mirror'),
+    ('bf16 evaluation where it is emulated', 'predict.py', "if precision == 'bf16' and auto_precision(device)[0] != 'bf16'",
+     'if 0', E + 'test_native_precision_is_fp32_where_bf16_would_be_emulated'),
+    ('evaluate.py --dry-run writes', 'experiments/evaluate.py', '    if not dry_run:', '    if True:',
+     E + 'test_evaluate_command_records_the_numbers_once'),
+    ('cams.py --image ignores --tta', 'cams.py', 'k=len(classes), tta=tta)', 'k=len(classes))',
+     E + 'test_cams_image_with_tta_prints_the_tta_probabilities'),
+    ('no reliability diagram in a run', 'experiments/run.py', "    plot_reliability(ev.probs, ev.targs, out / 'calibration.png')\n", '',
+     'tests/test_run.py::test_run_on_a_tiny_folder_leaves_every_file'),
+    ('percentages rounded, 99.96% shown as 100.0%', 'app.py', 'math.floor(round(p * 1000, 6)) / 10', 'round(p * 1000) / 10',
+     'tests/test_app.py::test_percent_has_one_decimal_and_never_rounds_up_to_certainty'),
+    ('the app ignores --tta', 'app.py', 'k=int(k), tta=st.tta)', 'k=int(k))',
+     'tests/test_app_server.py::test_with_tta_it_answers_with_mirror_tta'),
 ]
 
 
