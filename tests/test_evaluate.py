@@ -107,9 +107,11 @@ def test_evaluate_command_records_the_numbers_once(tiny_run, tmp_path, capsys):
     assert run_here(capsys, 'experiments/evaluate.py', '--run', run, '--data', data)[0] in (0, None)
     report = (run / 'report.md').read_text()
     assert report.count('## Final test evaluation') == report.count('<!-- evaluation -->') == 1  # replaced, not added
-    before = {f: (run / f).read_bytes() for f in ('config.json', 'report.md', 'calibration.png')}
+    (run / 'calibration.png').unlink()
+    before = {f: (run / f).read_bytes() for f in ('config.json', 'report.md')}
     assert run_here(capsys, 'experiments/evaluate.py', '--run', run, '--data', data, '--dry-run')[0] in (0, None)
-    assert all((run / f).read_bytes() == b for f, b in before.items())  # --dry-run writes nothing
+    # --dry-run writes nothing: no figure drawn again, config.json (its timing too) and report.md untouched.
+    assert not (run / 'calibration.png').exists() and all((run / f).read_bytes() == b for f, b in before.items())
 
 
 @pytest.mark.parametrize('args, message', [
@@ -121,8 +123,12 @@ def test_evaluate_command_bad_input_is_one_line(capsys, args, message):
     assert code == 2 and err.strip() == message, err
 
 
-def test_cams_image_with_tta_prints_the_tta_probabilities(tiny_run, tmp_path, capsys):
+def test_cams_image_with_tta_prints_the_tta_probabilities(tiny_run, tmp_path, capsys, monkeypatch):
+    import cams
     from cams import explain_images
+    # A one-epoch model's TTA moves its probabilities by less than the printed 0.001: the call itself is watched too.
+    asked = []
+    monkeypatch.setattr(cams, 'predict', lambda *a, **kw: asked.append(kw.get('tta')) or predict(*a, **kw))
     img = tmp_path / 'x.png'
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(img)
     model, classes = load_model(tiny_run, 'cpu')
@@ -130,6 +136,6 @@ def test_cams_image_with_tta_prints_the_tta_probabilities(tiny_run, tmp_path, ca
         explain_images([img], tiny_run, device='cpu', tta=tta)
         top = predict(model, img, classes, tta=tta)
         want = ', '.join(f'{p.label} {p.prob:.3f}' for p in top) + (' (mirror TTA)' if tta else '') + ' (Grad-CAM:'
-        assert want in capsys.readouterr().out
+        assert want in capsys.readouterr().out and asked[-1] is tta
     code, err = run_here(capsys, 'cams.py', '--run', tiny_run, '--tta')
     assert code == 2 and 'cams.py: error: --tta is for --image' in err, err
