@@ -9,12 +9,12 @@ from matplotlib.patches import Rectangle
 
 from arch import BLOCKS, custom_resnet, receptive_field
 from receptive import block_fields, rf_table
-from report import save_figure
+from report import marked, save_figure
 
 __all__ = ['test_images', 'central_gradients', 'mass_radius', 'measure', 'plot_effective_rf', 'rf_section',
            'receptive_fields']
 
-START, END = '<!-- receptive_field -->', '<!-- /receptive_field -->'  # report.md's section, replaced on a redraw
+START = '<!-- receptive_field -->'  # report.md's section (`report.marked`), replaced on a redraw
 
 
 def test_images(dl, n=256):
@@ -103,7 +103,7 @@ def plot_effective_rf(result, maps, path):
 
 def rf_section(result, table):
     "report.md's section: the theoretical table, then the effective fields' figure and numbers."
-    lines = [START, '## Receptive fields', '', 'The theoretical field of every layer (also in `summary.txt`):', '',
+    lines = ['## Receptive fields', '', 'The theoretical field of every layer (also in `summary.txt`):', '',
              '```', table, '```', '',
              f"The effective receptive field (Luo et al., NeurIPS 2016): the mean absolute gradient of each block's "
              f"central unit, summed over channels, with respect to the input, over {result['n_images']} test images; "
@@ -115,7 +115,7 @@ def rf_section(result, table):
              '| block | RF | RF radius | init r50 | init r90 | trained r50 | trained r90 |', '|---|---|---|---|---|---|---|']
     lines += [f"| {b} | {f['rf']} | {f['rf_radius']:g} | {f['init']['r50']:g} | {f['init']['r90']:g} | "
               f"{f['trained']['r50']:g} | {f['trained']['r90']:g} |" for b, f in result['blocks'].items()]
-    return '\n'.join(lines + ['', 'Numbers: `receptive_field.json`.', END])
+    return marked('receptive_field', lines + ['', 'Numbers: `receptive_field.json`.'])
 
 
 def receptive_fields(model, dl, seed, out, n=256):

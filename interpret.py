@@ -118,8 +118,10 @@ def calibration_bins(probs, targs, n_bins=ECE_BINS):
 
 def expected_calibration_error(probs, targs, n_bins=ECE_BINS):
     "ECE: the mean over all images of |accuracy − confidence| of their bin, each bin weighted by its share of the images."
-    count, conf, acc = calibration_bins(probs, targs, n_bins)
-    return float((count * np.abs(acc - conf)).sum() / count.sum())
+    return _ece(*calibration_bins(probs, targs, n_bins))
+
+
+def _ece(count, conf, acc): return float((count * np.abs(acc - conf)).sum() / count.sum())
 
 
 def plot_reliability(probs, targs, path, title='test set', n_bins=ECE_BINS):
@@ -127,7 +129,7 @@ def plot_reliability(probs, targs, path, title='test set', n_bins=ECE_BINS):
     count, conf, acc = calibration_bins(probs, targs, n_bins)
     edges = np.linspace(0, 1, n_bins + 1)
     mid, width, seen = (edges[:-1] + edges[1:]) / 2, 1 / n_bins, count > 0
-    ece = expected_calibration_error(probs, targs, n_bins)
+    ece = _ece(count, conf, acc)
     fig = Figure(figsize=(5.5, 6.5))
     ax, hist = fig.subplots(2, 1, sharex=True, gridspec_kw=dict(height_ratios=(3, 1)))
     ax.bar(mid[seen], acc[seen], width, color='tab:blue', edgecolor='white', label='accuracy of the bin')

@@ -214,7 +214,7 @@ def evaluate(learn, dl=None, tta=True):
 def native_precision(precision, device):
     "The precision to evaluate a `precision` run in on `device`: its own where the hardware runs it natively, else fp32."
     # On a CPU without AMX or AVX-512 BF16, bf16 is emulated, several times slower than fp32 (7 min for the shipped
-    # model's test set on such a machine): fp32 there, at a measured cost in agreement (docs/reliability.md).
+    # model's test set on such a machine): fp32 there, at a measured cost in agreement (docs/evaluation.md).
     if precision == 'bf16' and auto_precision(device)[0] != 'bf16': return 'fp32'
     return precision
 

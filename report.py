@@ -1,5 +1,5 @@
 """A run folder's figures and its report.md, drawn headless from the files the run wrote."""
-import csv, json, re
+import csv, json, os, re
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +7,7 @@ from matplotlib.figure import Figure  # no pyplot: no display, no global backend
 
 from lrfind import DESCENT
 
-__all__ = ['read_csv', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report', 'marked',
+__all__ = ['read_csv', 'save_json', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report', 'marked',
            'put_section', 'evaluation_section', 'headline']
 
 DPI = 100
@@ -16,6 +16,13 @@ DPI = 100
 def read_csv(path):
     "Rows of a csv file as dicts of floats."
     with open(path, newline='') as fh: return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
+def save_json(path, obj):
+    "Write `obj` as JSON atomically: a kill mid-write leaves the old file."
+    tmp = Path(path).with_suffix('.tmp')
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + '\n')
+    os.replace(tmp, path)
 
 
 def save_figure(fig, path):

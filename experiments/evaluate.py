@@ -11,7 +11,7 @@ from cams import find_run, run_data
 from cli import UsageError, torch_device, user_errors
 from interpret import plot_reliability
 from predict import evaluate_run
-from report import evaluation_section, put_section
+from report import evaluation_section, put_section, save_json
 from train import device_name
 
 PRECISIONS = ('native', 'fp32', 'bf16')
@@ -28,7 +28,7 @@ def evaluate_folder(run=None, data=None, device='cpu', precision='native', dry_r
     if not dry_run:
         config = json.loads((run / 'config.json').read_text())
         config['test_metrics'] = m  # what run.py records at the end of a run, for runs made before it did
-        (run / 'config.json').write_text(json.dumps(config, indent=2) + '\n')
+        save_json(run / 'config.json', config)  # atomic: a kill mid-write leaves the run's own
         plot_reliability(ev.probs, ev.targs, run / 'calibration.png')
         put_section(run / 'report.md', evaluation_section(m))
     print(f'evaluate.py: {run}: test accuracy {100 * m["test_acc"]:.2f}%, {100 * m["test_acc_tta"]:.2f}% with mirror TTA; '

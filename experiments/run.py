@@ -17,7 +17,7 @@ from cli import RunError, UsageError, on_interrupt, torch_device, user_errors
 from data import cifar_dls
 from effective_rf import receptive_fields
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified, plot_reliability, save_test_examples
-from report import evaluation_section, plot_curves, plot_lr_find, plot_schedule, read_csv, write_report
+from report import evaluation_section, plot_curves, plot_lr_find, plot_schedule, read_csv, save_json, write_report
 from callbacks import (ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, saved_epoch,
                        truncate_logs)
 from lrfind import find_lrs
@@ -303,13 +303,6 @@ def mistakes_section(pairs):
              '![misclassified](misclassified.png)', '', '![confusion](confusion.png)', '',
              '| true | predicted as | times |', '|---|---|---|']
     return '\n'.join(lines + [f'| {t} | {p} | {n} |' for t, p, n in pairs])
-
-
-def save_json(path, obj):
-    "Write `obj` as JSON atomically: a kill mid-write leaves the old file."
-    tmp = Path(path).with_suffix('.tmp')
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + '\n')
-    os.replace(tmp, path)
 
 
 # Last in the file: when run as a script, `call_parse` calls `main` as soon as it is decorated.
