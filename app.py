@@ -5,11 +5,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))  # `python app.py` works from anywhere, installed or not (and on a Space)
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
 
 from fastcore.script import call_parse, store_true
 
-from cli import UsageError, user_errors
+from cli import UsageError, quiet_warnings, user_errors
 
 LAYERS = ('prep', 'layer1', 'layer2', 'layer3')  # arch.BLOCKS, coarsest last; listed here so --help needs no torch
 PREDICTED = 'the predicted class'
@@ -34,8 +34,7 @@ CSS = '#prediction .confidence { display: none; }'
 def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS,
          tta=False):
     "What the app needs to start: the run's model, classes, headline and example images; no data set."
-    from cams import find_run
-    from predict import load_model
+    from run_folder import find_run, load_model
     from report import headline
     run = find_run(run)  # one line and exit 2 for a bad --run, before any server starts
     for f in ('metrics.csv',):
@@ -95,7 +94,7 @@ def mistakes_interp(st):
     "fastai's Interpretation of the run on its test set and the inputs of its worst 50 mistakes, made on first use."
     with st.lock:  # a Learner is not for several threads, and one pass over the test set is enough
         if st.interp is None:
-            from cams import load_run, run_data
+            from run_folder import load_run, run_data
             from interpret import interpret, top_misclassified
             # Batches of 128, not the run's 512: in eval mode each image's answer is the same, and the pass's peak
             # memory (which the process keeps afterwards) is a quarter.
@@ -254,6 +253,7 @@ def main(run: str = None,          # run folder (default: the newest finished on
          tta: store_true = False,  # mirror TTA: each image's probabilities from its and its mirror's mean logits
          share: store_true = False):  # also ask Gradio for a public share link (it goes through gradio.live)
     "Serve a Gradio app for a trained run: top-k classes and Grad-CAM of uploaded images, and the misclassified test images."
+    quiet_warnings()  # here, not at the top: this module imports fastai only inside its functions
     offline()
     steady_heap()
     with user_errors('app.py'):

@@ -10,7 +10,7 @@ from fastai.torch_core import find_bs
 from fastcore.basics import noop
 
 from cli import RunError
-from train import rng_state, set_rng_state
+from rng import rng_state, set_rng_state
 
 __all__ = ['RunLog', 'ETA', 'plain_console', 'Diverged', 'StopOnDivergence', 'Checkpoint', 'load_checkpoint', 'saved_epoch',
            'truncate_logs']

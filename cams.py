@@ -1,5 +1,5 @@
 """Grad-CAM for the custom ResNet: `gradcam()`, `cams.py --n 10` for a run's mistakes, `cams.py --image` for any image."""
-import json, threading
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -9,10 +9,7 @@ import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
 from matplotlib.figure import Figure
 
-__all__ = ['gradcam', 'class_cams', 'gradcam_grid', 'cam_overlay', 'view_cam', 'misclassified_cams', 'find_run', 'run_data',
-           'load_run']
-
-ROOT = Path(__file__).resolve().parent
+__all__ = ['gradcam', 'class_cams', 'gradcam_grid', 'cam_overlay', 'view_cam', 'misclassified_cams']
 
 
 def gradcam(model, x, layer, target=None):
@@ -50,47 +47,13 @@ def gradcam(model, x, layer, target=None):
 
 # ---- the command line: Grad-CAM for a run's highest-loss mistakes --------------------------------------------
 
-from arch import BLOCKS  # noqa: E402  (below gradcam, which needs only torch)
-from cli import UsageError, user_errors  # noqa: E402
-from data import cifar_dls, resolve_path  # noqa: E402
+from cli import UsageError, quiet_warnings, user_errors  # noqa: E402  (below gradcam, which needs only torch)
+if __name__ == '__main__': quiet_warnings()  # `python cams.py`: before fastai's import (below), which warns
+from arch import BLOCKS  # noqa: E402
 from interpret import denorm, interpret, top_misclassified  # noqa: E402
-from predict import eval_mode, load_model, network_view, predict, read_image, to_input  # noqa: E402
+from predict import eval_mode, network_view, predict, read_image, to_input  # noqa: E402
 from report import marked, put_section, save_figure  # noqa: E402
-from train import cifar_learner  # noqa: E402
-
-
-def find_run(run):
-    "The run folder to explain: `run`, or the newest folder under runs/ with a model."
-    if run is None:
-        runs = sorted((p for p in (ROOT / 'runs').glob('*') if (p / 'model.pth').exists()), key=lambda p: p.stat().st_mtime)
-        if not runs: raise UsageError(f'no finished runs under {ROOT / "runs"}; train one first, or pass --run DIR')
-        return runs[-1]
-    run = Path(run)
-    if not run.is_dir(): raise UsageError(f'--run {run} does not exist' if not run.exists() else f'--run {run} is not a folder')
-    for f in ('config.json', 'model.pth'):
-        if not (run / f).exists(): raise UsageError(f'run folder {run} has no {f}; did its training finish?')
-    return run
-
-
-def run_data(run, data=None):
-    "The CIFAR folder with a run's test images: `data`, else the run's own if it is still there, else $CIFAR10_DIR or a download."
-    if data: return data
-    recorded = json.loads((Path(run) / 'config.json').read_text()).get('data')
-    # A run copied to another machine (a Space, say) has lost its folder; fastai's download then gets CIFAR-10.
-    return recorded if recorded and Path(recorded).is_dir() else resolve_path()
-
-
-def load_run(run, data=None, device=None, bs=None):
-    "A Learner with the run's trained weights, over the run's own test images (in batches of `bs`, default the run's)."
-    config = json.loads((run / 'config.json').read_text())
-    dls = cifar_dls(data or config.get('data'), bs=bs or config.get('bs', 512), subset=config.get('subset'), device=device,
-                    verbose=False)
-    model, _ = load_model(run, dls.device, data)  # predict.py's loader, with its one-line errors
-    if model.head.fc.out_features != len(dls.vocab):
-        raise UsageError(f'{run / "model.pth"} has {model.head.fc.out_features} classes, its data {len(dls.vocab)}')
-    learn = cifar_learner(dls, model, logit_scale=model.logit_scale)  # the run's probabilities, as it trained them
-    learn.remove_cb(learn.progress)  # a few seconds of prediction need no bar
-    return learn
+from run_folder import find_run, load_model, load_run  # noqa: E402
 
 
 def _overlay(ax, img, cam, title):

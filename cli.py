@@ -1,16 +1,19 @@
-"""One-line errors for the command-line tools: a user's mistake exits with a message, never a traceback."""
+"""What every command shares: one-line errors (a user's mistake exits with a message, never a traceback), a quiet start."""
 import os, signal, sys, threading, warnings
 from contextlib import contextmanager
 
 import torch
 from fastai.torch_core import default_device
 
-__all__ = ['UsageError', 'RunError', 'Interrupted', 'user_errors', 'on_interrupt', 'torch_device']
+__all__ = ['quiet_warnings', 'UsageError', 'RunError', 'Interrupted', 'user_errors', 'on_interrupt', 'torch_device']
 
-# fastai's import (fastai.layers and everything above it) calls `torch.jit.script`, which torch 2.14 deprecates with
-# a FutureWarning printed at every command's start. Not ours to fix: every entry point imports this module before
-# fastai's training modules, so a run starts quietly (setup.cfg filters the same warning for pytest).
-warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
+
+def quiet_warnings():
+    "Hide fastai's import-time FutureWarning about `torch.jit.script` (deprecated in torch 2.14): not ours to fix."
+    # fastai.layers calls `torch.jit.script` while it is imported, so a command calls this before its first import
+    # of fastai's training modules, not in its main (the warning would be printed by then). setup.cfg filters the same
+    # warning for pytest; a notebook or a REPL filters it itself (experiments/walkthrough.ipynb does).
+    warnings.filterwarnings('ignore', message='`torch.jit.script` is deprecated', category=FutureWarning)
 
 
 class UsageError(Exception):

@@ -8,7 +8,7 @@ import torch
 from fastai.callback.schedule import minimum, slide, steep, valley
 
 from cli import RunError
-from train import rng_state, set_rng_state
+from rng import rng_state, set_rng_state
 
 __all__ = ['FIT_DECADES', 'DESCENT', 'RATIO', 'CurveRule', 'curve_rule', 'lrmin', 'lrmax', 'trim', 'suggest',
            'LRFind', 'FinderError', 'find_lrs', 'from_curve', 'describe']

@@ -1,5 +1,4 @@
 """A prediction for any image: load it as the test set was loaded, and return the top-k classes with their probabilities."""
-import json, pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -17,14 +16,15 @@ from fastai.vision.core import PILImage, cifar_stats
 from fastai.vision.data import ImageBlock
 
 from arch import custom_resnet
-from cli import UsageError, torch_device
-from data import SIZE, DataError, cifar_dls, scan_folder  # SIZE: the network's input is SIZE×SIZE, as the data's
+from cli import UsageError
+from data import SIZE  # SIZE: the network's input is SIZE×SIZE, as the data's
 from interpret import expected_calibration_error
-from train import ChannelsLastBatches, ScaledCrossEntropy, auto_precision, cifar_learner
+from precision import ChannelsLastBatches, auto_precision
+from train import ScaledCrossEntropy, cifar_learner
 
 __all__ = ['CIFAR10_CLASSES', 'SIZE', 'Prediction', 'read_image', 'network_view', 'to_input', 'preprocess', 'predict',
-           'eval_mode', 'mirror_tta', 'run_classes', 'load_model', 'Mirror', 'Evaluation', 'evaluate', 'native_precision',
-           'evaluate_run', 'RGBImage', 'inference_dls', 'export_learner']
+           'eval_mode', 'mirror_tta', 'Mirror', 'Evaluation', 'evaluate', 'native_precision', 'RGBImage', 'inference_dls',
+           'export_learner']
 
 # CIFAR-10's classes in label order, which is also the sorted order of its folders and so of `dls.vocab`.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -143,37 +143,6 @@ def predict(model, img, classes, k=3, tta=False):
     return [Prediction(classes[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
 
 
-def run_classes(run, n_out, data=None):
-    "A run folder's class names: its config.json's, else its data folder's, else CIFAR-10's for a 10-output model."
-    config = json.loads((Path(run) / 'config.json').read_text())
-    if config.get('classes'): return list(config['classes'])
-    # Runs made before config.json recorded `classes`: the folder names are the classes, with no image decoded.
-    folder = data or config.get('data')  # never $CIFAR10_DIR or a download: another folder may hold other classes
-    if folder:
-        try: classes = scan_folder(Path(folder))[0]
-        except DataError: classes = None
-        if classes and len(classes) == n_out: return classes
-    if n_out == len(CIFAR10_CLASSES): return list(CIFAR10_CLASSES)
-    raise UsageError(f'{run}/config.json records no class names, and no {n_out}-class data folder was found at '
-                     f'{folder}; pass --data DIR, the folder the run trained on')
-
-
-def load_model(run, device=None, data=None):
-    "A run folder's trained `custom_resnet` (on `device`, default the GPU if there is one, with its `logit_scale`) and its class names."
-    run, file = Path(run), Path(run) / 'model.pth'
-    dev = torch_device(device)
-    try:
-        state = torch.load(file, map_location='cpu')
-        model = custom_resnet(state['head.fc.weight'].shape[0])  # as many outputs as the run had classes
-        model.load_state_dict(state)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, AttributeError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(f'{file} is not a custom_resnet state_dict ({reason})') from None
-    # The scale its loss put on the logits, for `predict`'s probabilities; runs before config.json recorded it used 0.125.
-    model.logit_scale = json.loads((run / 'config.json').read_text()).get('logit_scale', 0.125)
-    return model.to(dev).eval(), run_classes(run, model.head.fc.out_features, data)
-
-
 class Mirror(Callback):
     "Every batch mirrored left to right before it reaches the model: the second pass of `evaluate`'s mirror TTA."
     # Not fastai's `Learner.tta`: that averages four passes with the *training* augmentations (here random crops and
@@ -217,25 +186,6 @@ def native_precision(precision, device):
     # model's test set on such a machine): fp32 there, at a measured cost in agreement (docs/evaluation.md).
     if precision == 'bf16' and auto_precision(device)[0] != 'bf16': return 'fp32'
     return precision
-
-
-def evaluate_run(run, data, state=None, device='cpu', precision=None, bs=None, tta=True):
-    "A run's `Evaluation` over all its test images in `data`: its plain accuracy is its last epoch's; `state`: other weights."
-    # fastai's `get_preds`, with the run's subset and memory layout, and its precision where it is native here
-    # (`native_precision`; `precision` overrides): the numbers of its metrics.csv, so that a shipped model.pth can be
-    # checked against them. In eval mode each image's answer does not depend on its batch, so `bs` changes only speed.
-    run = Path(run)
-    config = json.loads((run / 'config.json').read_text())
-    dls = cifar_dls(data, bs=bs or config.get('bs', 512), subset=config.get('subset'), device=device, verbose=False)
-    model, _ = load_model(run, dls.device, data)
-    if state is not None: model.load_state_dict(state)
-    precision = precision or native_precision(config.get('precision', 'fp32'), dls.device)
-    own = precision == config.get('precision', 'fp32')  # the run's layout with its own precision
-    learn = cifar_learner(dls, model, logit_scale=model.logit_scale, precision=precision,
-                          channels_last=own and config.get('channels_last', False))
-    ev = evaluate(learn, tta=tta)
-    ev.metrics['precision'] = precision
-    return ev
 
 
 # ---- fastai's way to share a model: learn.export() and load_learner --------------------------------------------

@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import quiet_warnings  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 
 import numpy as np
 from fastcore.script import call_parse
@@ -193,7 +195,7 @@ def main(run: str = 'results/cpu-bf16-seed0',  # run folder to serve
          out: str = None):                     # also write the numbers as JSON here
     "Serve `run` with app.py on 127.0.0.1 and load it with concurrent clients over HTTP; print and save the numbers."
     import torch
-    from train import device_name
+    from precision import device_name
     for flag, v, least in (('clients', clients, 1), ('requests', requests, 1), ('gallery', gallery, 0), ('rounds', rounds, 1)):
         if v < least: raise SystemExit(f'app_load.py: error: --{flag} must be at least {least}, got {v}')
     say = lambda s: print(s, flush=True)

@@ -3,8 +3,9 @@ import json, os, re, shutil, statistics, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
-from cli import UsageError, torch_device, user_errors  # first: it quiets fastai's import-time warning
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import UsageError, quiet_warnings, torch_device, user_errors  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 import torch
 import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
@@ -17,7 +18,8 @@ from data import balanced_subset, resolve_path, scan_folder
 from formats import find_release
 from report import read_csv
 from callbacks import plain_console
-from train import PEAK, cifar_learner, fit_assignment, use_cudnn
+from rng import use_cudnn
+from train import PEAK, cifar_learner, fit_assignment
 
 
 # ---- 1. this suite: experiments/run.py, one process per seed -------------------------------------------------

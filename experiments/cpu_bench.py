@@ -4,8 +4,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
-from cli import UsageError, user_errors  # first: it quiets fastai's import-time warning
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import UsageError, quiet_warnings, user_errors  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 import torch
 import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
@@ -16,7 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 from arch import custom_resnet
 from callbacks import RunLog, StopOnDivergence
 from data import cifar_dls
-from train import auto_precision, cifar_learner, device_name, fit_assignment
+from precision import auto_precision, device_name
+from train import cifar_learner, fit_assignment
 
 N_TRAIN, N_TEST, EPOCHS = 50_000, 10_000, 24  # the full job's training and test images, and its epochs
 

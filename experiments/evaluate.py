@@ -3,16 +3,16 @@ import json, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python experiments/evaluate.py` works from anywhere, installed or not
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import UsageError, quiet_warnings, torch_device, user_errors  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 
 from fastcore.script import call_parse, store_true
 
-from cams import find_run, run_data
-from cli import UsageError, torch_device, user_errors
 from interpret import plot_reliability
-from predict import evaluate_run
 from report import evaluation_section, put_section, save_json
-from train import device_name
+from run_folder import evaluate_run, find_run, run_data
+from precision import device_name
 
 PRECISIONS = ('native', 'fp32', 'bf16')
 

@@ -2,11 +2,12 @@
 import json, sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout is the suite: its modules first, from any folder
+from cli import quiet_warnings, user_errors  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 from fastcore.script import call_parse
 from fastai.torch_core import set_seed
 
-from cli import user_errors
 from data import cifar_dls
 from report import plot_lr_find
 from callbacks import plain_console

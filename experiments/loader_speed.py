@@ -2,8 +2,9 @@
 import json, os, sys, time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-import cli  # noqa: F401  (first: it quiets fastai's import-time warning)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout is the suite: its modules first, from any folder
+from cli import quiet_warnings  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 import torch
 from fastcore.script import call_parse
 from fastai.vision.all import ImageDataLoaders, RandomCrop, Flip, Normalize, cifar_stats

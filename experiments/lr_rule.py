@@ -3,10 +3,11 @@ import json, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import UsageError, quiet_warnings, user_errors  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 from fastcore.script import call_parse
 
-from cli import UsageError, user_errors
 from lrfind import from_curve
 from report import plot_lr_find
 

@@ -3,7 +3,9 @@ import json, shutil, statistics, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import UsageError, quiet_warnings, torch_device, user_errors  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 import torch
 from torch.autograd import DeviceType
 from torch.autograd.profiler_util import EventList
@@ -13,10 +15,10 @@ from fastai.callback.core import Callback
 from fastai.callback.training import ShortEpochCallback
 from fastai.torch_core import set_seed
 
-from cli import UsageError, torch_device, user_errors
 from data import cifar_dls
 from callbacks import Checkpoint, RunLog, StopOnDivergence, plain_console
-from train import PRECISIONS, cifar_learner, fit_assignment
+from precision import PRECISIONS
+from train import cifar_learner, fit_assignment
 
 
 class PhaseClock(Callback):

@@ -3,16 +3,16 @@ import json, sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python experiments/receptive_field.py` works from anywhere, installed or not
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import UsageError, quiet_warnings, user_errors  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 
 from fastcore.script import call_parse
 
-from cams import find_run
-from cli import UsageError, user_errors
 from data import cifar_dls
 from effective_rf import receptive_fields
 from report import put_section
-from predict import load_model
+from run_folder import find_run, load_model
 
 
 def redraw(run=None, n=256, data=None, device=None):

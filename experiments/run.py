@@ -5,7 +5,9 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python experiments/run.py` works from anywhere, installed or not
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import RunError, UsageError, on_interrupt, quiet_warnings, torch_device, user_errors  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 
 import torch
 import fastai, fastcore
@@ -13,7 +15,6 @@ from fastcore.script import call_parse, store_true
 from fastai.torch_core import num_distrib, rank_distrib, set_seed
 
 from arch import write_summary
-from cli import RunError, UsageError, on_interrupt, torch_device, user_errors
 from data import cifar_dls
 from effective_rf import receptive_fields
 from interpret import interpret, most_confused, plot_confusion, plot_misclassified, plot_reliability, save_test_examples
@@ -22,8 +23,10 @@ from callbacks import (ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load
                        truncate_logs)
 from lrfind import find_lrs
 from predict import evaluate, export_learner
-from train import (PEAK, PRECISIONS, broadcast, cifar_learner, concrete_precision, device_name, distributed,
-                   fit_assignment, single_process, use_cudnn)
+from precision import PRECISIONS, concrete_precision, device_name
+from processes import broadcast, distributed, single_process
+from rng import use_cudnn
+from train import PEAK, cifar_learner, fit_assignment
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from PIL import Image
 from app import percent
 from conftest import ROOT, run_here
 
-sys.path.insert(0, str(ROOT / 'experiments'))
+sys.path.insert(0, str(ROOT / 'tools'))
 from app_screenshot import CHROMIUM, local_page  # noqa: E402
 
 
@@ -41,9 +41,10 @@ def served(tiny_run, browser_ready, tmp_path_factory):
 def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
     "Upload an image and read its label, see its Grad-CAM change with the layer, survive a broken file and a too big one, see the mistakes."
     from interpret import interpret
-    from cams import load_run
+    from run_folder import load_run
     from data import scan_folder
-    from predict import load_model, predict
+    from predict import predict
+    from run_folder import load_model
     odd = tmp_path / 'odd size.png'
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (41, 57, 3), dtype=np.uint8)).save(odd)
     broken = tmp_path / 'broken.png'

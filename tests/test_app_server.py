@@ -32,7 +32,7 @@ def server(tiny_run, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def model(tiny_run):
-    from predict import load_model
+    from run_folder import load_model
     return load_model(tiny_run, 'cpu')
 
 

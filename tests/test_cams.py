@@ -198,7 +198,8 @@ def test_view_cam_is_gradcam_of_the_view(trained):
 
 def test_misclassified_cams_are_the_top_losses_with_their_maps(tiny_run):
     import numpy as np
-    from cams import load_run, misclassified_cams
+    from cams import misclassified_cams
+    from run_folder import load_run
     from interpret import denorm, interpret, top_misclassified
     learn = load_run(tiny_run, device='cpu')
     interp = interpret(learn)
@@ -216,7 +217,7 @@ def test_misclassified_cams_are_the_top_losses_with_their_maps(tiny_run):
 
 def test_run_data_prefers_the_given_then_the_recorded_folder(tiny_run, tmp_path, monkeypatch):
     import json, shutil
-    from cams import run_data
+    from run_folder import run_data
     recorded = json.loads((tiny_run / 'config.json').read_text())['data']
     assert run_data(tiny_run, 'elsewhere') == 'elsewhere' and run_data(tiny_run) == recorded
     moved = tmp_path / 'moved'  # a run copied to another machine, without its data folder

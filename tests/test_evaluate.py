@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import precision
 import predict as predict_module
-import train
-from cams import load_run
 from conftest import run_here, run_script
 from interpret import calibration_bins, expected_calibration_error
-from predict import evaluate, load_model, native_precision, predict, preprocess
+from predict import evaluate, native_precision, predict, preprocess
+from run_folder import load_model, load_run
 
 
 def onehotish(top, conf, n=10):
@@ -86,11 +86,11 @@ def test_predict_with_tta_is_the_mean_of_the_image_and_its_mirror(tiny_run):
 
 
 def test_native_precision_is_fp32_where_bf16_would_be_emulated(monkeypatch):
-    monkeypatch.setattr(train, 'cpu_bf16_unit', lambda: None)  # a CPU with AVX2 only
+    monkeypatch.setattr(precision, 'cpu_bf16_unit', lambda: None)  # a CPU with AVX2 only
     assert native_precision('bf16', 'cpu') == 'fp32' and native_precision('fp32', 'cpu') == 'fp32'
-    monkeypatch.setattr(train, 'cpu_bf16_unit', lambda: 'AVX-512 BF16')
+    monkeypatch.setattr(precision, 'cpu_bf16_unit', lambda: 'AVX-512 BF16')
     assert native_precision('bf16', 'cpu') == 'bf16' and native_precision('fp32', 'cpu') == 'fp32'
-    assert predict_module.auto_precision is train.auto_precision  # the function patched above is the one used
+    assert predict_module.auto_precision is precision.auto_precision  # the function patched above is the one used
 
 
 def test_evaluate_command_records_the_numbers_once(tiny_run, tmp_path, capsys):

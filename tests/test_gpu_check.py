@@ -11,7 +11,7 @@ from conftest import ROOT, make_folder, run_here
 sys.path.insert(0, str(ROOT / 'experiments'))
 from profile_epoch import busy_us, device_busy, report  # noqa: E402
 
-SCRIPT = ROOT / 'experiments' / 'gpu_check.sh'
+SCRIPT = ROOT / 'tools' / 'gpu_check.sh'
 
 
 def test_the_script_parses():

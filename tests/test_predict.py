@@ -11,7 +11,8 @@ from PIL import Image
 from arch import custom_resnet
 from cli import UsageError
 from conftest import CLASSES, run_script
-from predict import CIFAR10_CLASSES, Prediction, load_model, network_view, predict, preprocess, read_image
+from predict import CIFAR10_CLASSES, Prediction, network_view, predict, preprocess, read_image
+from run_folder import load_model
 
 
 @pytest.fixture(scope='module')
@@ -245,7 +246,7 @@ def test_a_run_records_its_logit_scale_and_predict_uses_it(tiny_run, tmp_path):
 
 
 def test_cams_explains_a_run_with_its_own_logit_scale(tiny_run, tmp_path):
-    from cams import load_run
+    from run_folder import load_run
     run = tmp_path / 'run'
     run.mkdir()
     shutil.copy(tiny_run / 'model.pth', run)

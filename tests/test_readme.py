@@ -1,5 +1,4 @@
 """The Python blocks of the README and docs/ run as written, on a tiny folder or a tiny finished run, so they cannot rot."""
-import re
 
 import numpy as np
 from PIL import Image
@@ -102,7 +101,8 @@ def test_the_export_snippet_runs(tiny_run, tmp_path):
 def test_the_app_client_snippet_runs(tiny_run, tmp_path):
     need_app()
     from app import serving
-    from predict import load_model, predict
+    from predict import predict
+    from run_folder import load_model
     picture = str(photo(tmp_path))
     with serving(tiny_run) as server:  # app.py on a free port, as `python app.py --run` serves it
         code = swap(python_blocks()[('README.md', 'The app from Python')],

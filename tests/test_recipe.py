@@ -139,7 +139,8 @@ def test_the_losss_own_defaults_and_settings_reach_cross_entropy():
 def test_the_learners_settings_reach_fastai(tiny_dls, tmp_path):
     from fastai.callback.core import Callback
     from fastai.metrics import accuracy
-    from train import BF16, ChannelsLastBatches, DeviceAvgMetric
+    from precision import BF16, ChannelsLastBatches
+    from train import DeviceAvgMetric
 
     class Probe(Callback): pass
     set_seed(0)

@@ -260,7 +260,7 @@ def test_a_finder_curve_too_short_is_a_run_failure_not_a_usage_error(tmp_path, c
 
 @pytest.mark.parametrize('before', [None, '0'])
 def test_distributed_restores_the_environment(tmp_path, monkeypatch, before):
-    import train
+    import processes
     learn = cifar_learner(cifar_dls(make_folder(tmp_path / 'd', n_train=1, n_test=1), bs=5, device='cpu', verbose=False))
     seen = {}
     @contextmanager
@@ -268,9 +268,9 @@ def test_distributed_restores_the_environment(tmp_path, monkeypatch, before):
         seen.update(kwargs, env=os.environ.get('ACCELERATE_USE_CPU'))
         yield
     learn.distrib_ctx = distrib_ctx  # fastai's would start a process group; what is checked here is ours around it
-    monkeypatch.setattr(train, 'num_distrib', lambda: 2)
+    monkeypatch.setattr(processes, 'num_distrib', lambda: 2)
     if before is None: monkeypatch.delenv('ACCELERATE_USE_CPU', raising=False)
     else: monkeypatch.setenv('ACCELERATE_USE_CPU', before)
-    with train.distributed(learn): pass
+    with processes.distributed(learn): pass
     assert seen == dict(sync_bn=False, env=before or '1')  # a user's own setting is kept while it runs
     assert os.environ.get('ACCELERATE_USE_CPU') == before

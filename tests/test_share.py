@@ -2,7 +2,6 @@
 import json, os, subprocess, sys
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
@@ -30,7 +29,8 @@ def images(folder):
 
 
 def test_a_run_exports_a_learner_that_predicts_as_predict_does(tiny_run, tmp_path):
-    from predict import load_model, predict
+    from predict import predict
+    from run_folder import load_model
     export = tiny_run / 'export.pkl'
     assert export.exists()
     # No training images inside: the export is the weights and little else. This run's 80 images are 245 KB.

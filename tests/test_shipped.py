@@ -4,7 +4,7 @@ import json, re, time
 import torch
 
 from conftest import ROOT
-from predict import evaluate_run
+from run_folder import evaluate_run
 from report import read_csv
 
 SHIPPED = ROOT / 'results' / 'cpu-bf16-seed0'  # the README's first command, run to the end on 2 CPU cores

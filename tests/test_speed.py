@@ -15,7 +15,8 @@ import train
 from conftest import make_folder, run_here, run_script
 from data import cifar_dls
 from callbacks import Diverged, RunLog, StopOnDivergence
-from train import BF16, ChannelsLastBatches, HostLosses, LeanProgress, auto_precision, cifar_learner, fit_assignment
+from precision import BF16, ChannelsLastBatches, auto_precision
+from train import HostLosses, LeanProgress, cifar_learner, fit_assignment
 
 
 @pytest.fixture(scope='module')

@@ -10,7 +10,7 @@ from conftest import ROOT, run_script
 
 NOTEBOOK = ROOT / 'experiments' / 'walkthrough.ipynb'
 TABLE = (Path(__file__).parent / 'data' / 'assignment_summary.txt').read_text().rstrip('\n')
-sys.path.insert(0, str(ROOT / 'experiments'))
+sys.path.insert(0, str(ROOT / 'tools'))
 from walkthrough_figures import tagged_pngs  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def test_the_walkthrough_runs_top_to_bottom_on_the_quick_setting(cifar10, monkey
 
 
 def test_the_figures_in_results_are_the_committed_notebooks(tmp_path):
-    r = run_script(ROOT / 'experiments' / 'walkthrough_figures.py', '--out', tmp_path)
+    r = run_script(ROOT / 'tools' / 'walkthrough_figures.py', '--out', tmp_path)
     assert r.returncode == 0, r.stderr
     for name in ('lr_find', 'gradcam_layer3'):  # docs/ shows lr_find.png: both must be this notebook's, byte for byte
         assert (tmp_path / f'{name}.png').read_bytes() == (ROOT / 'results' / 'walkthrough' / f'{name}.png').read_bytes()

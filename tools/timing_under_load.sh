@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test that asserts a measured speed N times (default 10) while two other processes keep both CPU cores
 # busy, and logs each run's numbers: the evidence behind the guards in those tests.
-# Usage: CIFAR10_DIR=<unpacked cifar10> experiments/timing_under_load.sh [N] > results/cpu-checks/loader-speed-under-load.log
+# Usage: CIFAR10_DIR=<unpacked cifar10> tools/timing_under_load.sh [N] > results/cpu-checks/loader-speed-under-load.log
 set -u
 cd "$(dirname "$0")/.."
 n=${1:-10}

@@ -4,7 +4,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import quiet_warnings  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 
 from fastcore.script import call_parse
 
@@ -40,7 +42,7 @@ def main(run: str = None,                 # run folder (default: the newest fini
          n: int = 10):                    # how many misclassified test images
     "Start app.py for a run, classify one example test image, open the misclassified gallery, and save both screenshots."
     from app import serving
-    from cams import find_run
+    from run_folder import find_run
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with serving(find_run(run), log=out / 'app.log') as server, local_page() as (page, outside):

@@ -4,9 +4,9 @@
 # after each step the whole results folder is packed again into $OUT/gpu-results.tgz, so a run cut off anywhere
 # still brings back every step it finished. A second call with the same $RESULTS does only the steps not yet done.
 #
-#   experiments/gpu_check.sh [CIFAR10_DIR]       (default: $CIFAR10_DIR, else /tmp/cifar/cifar10)
+#   tools/gpu_check.sh [CIFAR10_DIR]       (default: $CIFAR10_DIR, else /tmp/cifar/cifar10)
 #
-# The device calls that bring the data and run this: experiments/GPU_CHECK.md. Settings (environment):
+# The device calls that bring the data and run this: tools/GPU_CHECK.md. Settings (environment):
 #   RESULTS  results folder (default results/gpu)     OUT     where the archive goes (unset: no archive)
 #   STEPS    steps, in order (default "decode tests fp32 bf16 profile")     FORCE=1  redo steps already done
 #   BUDGET   seconds for all steps of this call (default 570); a step starts only if its MIN_<step> is left

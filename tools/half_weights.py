@@ -3,13 +3,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere without installing
-from cli import RunError, UsageError, user_errors  # first: it quiets fastai's import-time warning
+sys.path.insert(0, str(ROOT))  # the checkout is the suite: its modules first, from any folder
+from cli import RunError, UsageError, quiet_warnings, user_errors  # noqa: E402
+quiet_warnings()  # before fastai's import (below), which warns while it is imported
 import torch
 from fastcore.script import call_parse, store_true
 
-from cams import run_data
-from predict import evaluate_run
+from run_folder import evaluate_run, run_data
 
 
 def megabytes(state): return sum(v.numel() * v.element_size() for v in state.values()) / 1e6
