@@ -15,14 +15,15 @@ ARCHIVE = Path(os.environ.get('CIFAR10_TGZ', ROOT.parent / 'shared' / 'data' / '
 
 
 def hand_curve(t=None):
-    "A finder curve solved by hand, LRs and losses: a plateau at 2.3, then a bowl with its bottom, 1.9, at LR 0.1 (t = -1)."
+    "A finder curve solved by hand, LRs and losses: a plateau at 2.3, then a bowl whose bottom, 1.9, is at LR 0.1."
     t = np.linspace(-6, 1, 71) if t is None else t  # log10 LR, 10 points a decade
     return 10 ** t, np.minimum(2.3, 1.9 + 0.06 * (t + 1) ** 2)
 
 
 def skip_or_fail(reason):
     "Skip a test whose shared file is missing, but fail it under CI (CI=true): a green CI must have run everything."
-    if os.environ.get('CI', '').lower() not in ('', '0', 'false', 'no'): pytest.fail(f'{reason}; CI needs it', pytrace=False)
+    if os.environ.get('CI', '').lower() not in ('', '0', 'false', 'no'):
+        pytest.fail(f'{reason}; CI needs it', pytrace=False)
     pytest.skip(reason)
 
 

@@ -1,9 +1,10 @@
-"""The Python blocks of the README and docs/ run as written, on a tiny folder or a tiny finished run, so they cannot rot."""
+"""The Python blocks of the README and docs/ run as written, on a tiny folder or a tiny run, so they cannot rot."""
+import os, subprocess, sys
 
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT, need_app, run_script
+from conftest import ROOT, need_app
 
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 # Every ```python block of the README and docs/, by (page, the heading above it), and the test here that runs it.
@@ -44,7 +45,7 @@ def swap(code, swaps):
 
 
 def readme_snippet(data, bs, epochs, subset=None, find_iters=100):
-    "The 'Interactive use' block (docs/recipe.md), pointed at `data` with a smaller batch, subset, epoch count and finder."
+    "The 'Interactive use' block (docs/recipe.md) on `data`, with a smaller batch, subset, epoch count and finder."
     code = python_blocks()[('docs/recipe.md', 'Interactive use')]
     for old in ("cifar_dls('data/cifar10', bs=512)", 'learn.fit_one_cycle(24,', 'learn.lr_find(suggest_funcs='):
         assert code.count(old) == 1, f'the snippet no longer has {old!r} once; update this test with it'
@@ -52,12 +53,18 @@ def readme_snippet(data, bs, epochs, subset=None, find_iters=100):
                        ('learn.fit_one_cycle(24,', f'learn.fit_one_cycle({epochs},'),
                        ('learn.lr_find(suggest_funcs=', f'learn.lr_find(num_it={find_iters}, suggest_funcs=')])
     # The snippet's last lines show figures; the check reads what they left behind.
-    return code + '\nprint("device", dls.device, "lrmin", lrs.lrmin, "lrmax", lrs.lrmax, "epochs", len(learn.recorder.values))\n'
+    return code + ('\nprint("device", dls.device, "lrmin", lrs.lrmin, "lrmax", lrs.lrmax, '
+                   '"epochs", len(learn.recorder.values))\n')
 
 
-def run_snippet(code):
-    "Run the snippet as a user at the project's root would, headless; the names it printed last, with their values."
-    r = run_script('-c', f'import matplotlib; matplotlib.use("Agg")\n{code}')
+def run_snippet(code, folder):
+    "Run the snippet headless in a user's own folder, which holds a data/ folder, with the checkout on PYTHONPATH."
+    # As docs/development.md says to use the Python API from elsewhere; the data/ folder is the one that once made
+    # `import data` find a namespace package instead of data.py.
+    (folder / 'data').mkdir(exist_ok=True)
+    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONWARNINGS': 'ignore::FutureWarning'}
+    r = subprocess.run([sys.executable, '-c', f'import matplotlib; matplotlib.use("Agg")\n{code}'], cwd=folder,
+                       capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     return dict(zip(*[iter(r.stdout.split('\n')[-2].split())] * 2))
 
@@ -74,8 +81,8 @@ def test_every_python_block_is_run():
     assert all(name in globals() for name in RUN_BY.values())
 
 
-def test_the_interactive_snippet_runs(tiny):
-    out = run_snippet(readme_snippet(tiny, bs=10, epochs=2, find_iters=30))
+def test_the_interactive_snippet_runs(tiny, tmp_path):
+    out = run_snippet(readme_snippet(tiny, bs=10, epochs=2, find_iters=30), tmp_path)
     assert 0 < float(out['lrmin']) < float(out['lrmax']) and out['epochs'] == '2'
 
 
@@ -85,7 +92,8 @@ def test_the_gradcam_snippet_runs(tiny_run, tmp_path):
                 [("'runs/<stamp>'", repr(str(tiny_run))), ("'photo.jpg'", picture),
                  ("classes.index('cat')", "classes.index('c3')")])  # the tiny run's classes are c0…c9
     out = run_snippet(code + f'\nprint("top", predict(model, {picture}, classes)[0].label, "shape", '
-                             '"x".join(map(str, maps.shape)), "min", float(maps.min()), "max", float(maps.max()))\n')
+                             '"x".join(map(str, maps.shape)), "min", float(maps.min()), "max", float(maps.max()))\n',
+                      tmp_path)
     assert out['top'] in [f'c{i}' for i in range(10)] and out['shape'] == '1x32x32'
     assert 0 <= float(out['min']) <= float(out['max']) <= 1
 
@@ -94,7 +102,7 @@ def test_the_export_snippet_runs(tiny_run, tmp_path):
     code = swap(python_blocks()[('docs/sharing.md', 'Export')],
                 [("'runs/<stamp>/export.pkl'", repr(str(tiny_run / 'export.pkl'))),
                  ("'photo.jpg'", repr(str(photo(tmp_path))))])
-    out = run_snippet(code + '\nprint("label", label, "idx", int(idx), "sum", float(probs.sum()))\n')
+    out = run_snippet(code + '\nprint("label", label, "idx", int(idx), "sum", float(probs.sum()))\n', tmp_path)
     assert out['label'] == f'c{out["idx"]}' and abs(float(out['sum']) - 1) < 1e-5
 
 
@@ -107,8 +115,8 @@ def test_the_app_client_snippet_runs(tiny_run, tmp_path):
     with serving(tiny_run) as server:  # app.py on a free port, as `python app.py --run` serves it
         code = swap(python_blocks()[('README.md', 'The app from Python')],
                     [("'http://127.0.0.1:7860/'", repr(server.url)), ("'photo.jpg'", repr(picture))])
-        out = run_snippet(code + '\nfrom PIL import Image\n'
-                                 'print("label", labels["label"], "size", "x".join(map(str, Image.open(cams[0]["image"]).size)))\n')
+        out = run_snippet(code + '\nfrom PIL import Image\nprint("label", labels["label"], "size", '
+                                 '"x".join(map(str, Image.open(cams[0]["image"]).size)))\n', tmp_path)
     model, classes = load_model(tiny_run, 'cpu')
     # The answer over HTTP is the one predict() gives in-process, and the Grad-CAM picture came back at the app's 8×.
     assert out['label'] == predict(model, picture, classes)[0].label and out['size'] == '256x256'

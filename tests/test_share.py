@@ -37,7 +37,10 @@ def test_a_run_exports_a_learner_that_predicts_as_predict_does(tiny_run, tmp_pat
     extra = export.stat().st_size - (tiny_run / 'model.pth').stat().st_size
     assert export.stat().st_size < 30e6 and extra < 150e3, extra
     files = images(tmp_path)
-    env = {**os.environ, 'PYTHONPATH': str(ROOT)}  # "with the project importable", as on a Space
+    # From a user's folder that holds a data/ folder, with the checkout on PYTHONPATH (docs/sharing.md): the pickle's
+    # `arch`, `train` and `predict` are ours, not the installed arch package or the data/ folder.
+    (tmp_path / 'data').mkdir()
+    env = {**os.environ, 'PYTHONPATH': str(ROOT)}
     r = subprocess.run([sys.executable, '-c', LOAD_AND_PREDICT, export, *files], cwd=tmp_path, capture_output=True,
                        text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
