@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 R, T, P = 'tests/test_recipe.py::', 'tests/test_reliability.py::', 'tests/test_predict.py::'
 E = 'tests/test_evaluate.py::'
+I, L = 'tests/test_imports.py::', 'tests/test_lint.py::'
 
 # (what the break does, file, text, replacement, the test that should fail)
 BREAKS = [
@@ -19,8 +20,8 @@ BREAKS = [
      R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
     ('Cutout before Normalize', 'augment.py', '    order = 100\n', '    order = 50\n',
      R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
-    ('edge padding, not reflection', 'augment.py', 'return (n - 1) - ((n - 1) - i.abs()).abs()', 'return i.clamp(0, n - 1)',
-     R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
+    ('edge padding, not reflection', 'augment.py', 'return (n - 1) - ((n - 1) - i.abs()).abs()',
+     'return i.clamp(0, n - 1)', R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
     ('no crop (pad 0)', 'data.py', 'def array_block(images, labels, vocab, test_idx, pad=4,',
      'def array_block(images, labels, vocab, test_idx, pad=0,',
      R + 'test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square'),
@@ -47,13 +48,15 @@ BREAKS = [
     ('DESCENT 0.05 -> 0.04', 'lrfind.py', 'DESCENT = 0.05', 'DESCENT = 0.04',
      R + 'test_the_readmes_lr_table_is_what_the_rule_gives_on_the_h100_curves'),
     ('FinderError a usage error (exit 2)', 'lrfind.py', 'class FinderError(RunError):',
-     "class FinderError(__import__('cli').UsageError):", T + 'test_a_finder_curve_too_short_is_a_run_failure_not_a_usage_error'),
-    ('ACCELERATE_USE_CPU left set', 'train.py', "        if env is None: os.environ.pop('ACCELERATE_USE_CPU', None)", '        if 0: pass',
+     "class FinderError(__import__('cli').UsageError):",
+     T + 'test_a_finder_curve_too_short_is_a_run_failure_not_a_usage_error'),
+    ('ACCELERATE_USE_CPU left set', 'processes.py',
+     "        if env is None: os.environ.pop('ACCELERATE_USE_CPU', None)", '        if 0: pass',
      T + 'test_distributed_restores_the_environment'),
-    ('--out not-empty check gone', 'experiments/run.py', "    if out.is_dir() and any(out.iterdir()): raise", '    if 0: raise',
-     T + 'test_out_that_is_not_empty'),
-    ('--out writable check gone', 'experiments/run.py', '    if not os.access(parent, os.W_OK): raise', '    if 0: raise',
-     T + 'test_out_that_is_not_writable'),
+    ('--out not-empty check gone', 'experiments/run.py', "    if out.is_dir() and any(out.iterdir()): raise",
+     '    if 0: raise', T + 'test_out_that_is_not_empty'),
+    ('--out writable check gone', 'experiments/run.py', '    if not os.access(parent, os.W_OK): raise',
+     '    if 0: raise', T + 'test_out_that_is_not_writable'),
     ('more processes than GPUs allowed', 'experiments/run.py', '        if rank >= gpus: raise', '        if 0: raise',
      T + 'test_more_processes_than_gpus'),
     ('--bs that does not split allowed', 'experiments/run.py', '    if s.bs % world: raise', '    if 0: raise',
@@ -62,15 +65,16 @@ BREAKS = [
      P + 'test_a_run_records_its_logit_scale_and_predict_uses_it'),
     ('predict ignores the recorded scale', 'predict.py', "getattr(model, 'logit_scale', ScaledCrossEntropy().scale)",
      'ScaledCrossEntropy().scale', P + 'test_a_run_records_its_logit_scale_and_predict_uses_it'),
-    ('old runs default to 1, not 0.125', 'predict.py', ".get('logit_scale', 0.125)", ".get('logit_scale', 1.)",
+    ('old runs default to 1, not 0.125', 'run_folder.py', ".get('logit_scale', 0.125)", ".get('logit_scale', 1.)",
      P + 'test_a_run_records_its_logit_scale_and_predict_uses_it'),
-    ('cams.py ignores the recorded scale', 'cams.py', 'cifar_learner(dls, model, logit_scale=model.logit_scale)',
+    ('cams.py ignores the recorded scale', 'run_folder.py', 'cifar_learner(dls, model, logit_scale=model.logit_scale)',
      'cifar_learner(dls, model)', P + 'test_cams_explains_a_run_with_its_own_logit_scale'),
-    ("cams.py's second run fails", 'cams.py', "    add_to_report(out / 'report.md', layer, files, grid, layers_png, note)\n",
+    ("cams.py's second run fails", 'cams.py',
+     "    add_to_report(out / 'report.md', layer, files, grid, layers_png, note)\n",
      "    add_to_report(out / 'report.md', layer, files, grid, layers_png, note)\n    if n == 2: raise SystemExit(3)\n",
      'tests/test_cams.py::test_cams_end_to_end'),
-    ('a missing archive skips under CI', 'tests/conftest.py', "if not ARCHIVE.exists(): skip_or_fail(", 'if not ARCHIVE.exists(): pytest.skip(',
-     'tests/test_ci.py'),
+    ('a missing archive skips under CI', 'tests/conftest.py', "if not ARCHIVE.exists(): skip_or_fail(",
+     'if not ARCHIVE.exists(): pytest.skip(', 'tests/test_ci.py'),
     ('a missing assignment skips under CI', 'tests/test_arch.py', 'if not ASSIGNMENT.exists(): skip_or_fail(',
      'if not ASSIGNMENT.exists(): pytest.skip(', 'tests/test_ci.py'),
     ("no broadcast of rank 0's LRs", 'experiments/run.py', '        lr = broadcast(lr)', '        lr = lr',
@@ -79,41 +83,65 @@ BREAKS = [
      'finder = make_learner(cifar_dls(s.data, bs=s.bs,', 'finder = make_learner(cifar_dls(s.data, bs=s.bs // world,',
      'tests/test_distributed.py'),
     # The final evaluation: mirror TTA, calibration, evaluate.py, and where they are shown.
-    ('ECE unweighted by the bins\' sizes', 'interpret.py', 'return float((count * np.abs(acc - conf)).sum() / count.sum())',
+    ('ECE unweighted by the bins\' sizes', 'interpret.py',
+     'return float((count * np.abs(acc - conf)).sum() / count.sum())',
      'return float(np.abs(acc - conf)[count > 0].mean())', E + 'test_ece_solved_by_hand'),
-    ('ECE unweighted, against torchmetrics', 'interpret.py', 'return float((count * np.abs(acc - conf)).sum() / count.sum())',
+    ('ECE unweighted, against torchmetrics', 'interpret.py',
+     'return float((count * np.abs(acc - conf)).sum() / count.sum())',
      'return float(np.abs(acc - conf)[count > 0].mean())', E + 'test_ece_matches_torchmetrics'),
     ('ECE on 10 bins', 'interpret.py', 'ECE_BINS = 15', 'ECE_BINS = 10', E + 'test_ece_matches_torchmetrics'),
-    ('no mirror in the TTA pass', 'predict.py', 'def before_batch(self): self.learn.xb = tuple(x.flip(-1) for x in self.xb)',
+    ('no mirror in the TTA pass', 'predict.py',
+     'def before_batch(self): self.learn.xb = tuple(x.flip(-1) for x in self.xb)',
      'def before_batch(self): self.learn.xb = tuple(x for x in self.xb)',
      E + 'test_evaluate_mirror_tta_and_calibration_on_a_trained_run'),
-    ('the TTA pass flipped upside down', 'predict.py', 'def before_batch(self): self.learn.xb = tuple(x.flip(-1) for x in self.xb)',
+    ('the TTA pass flipped upside down', 'predict.py',
+     'def before_batch(self): self.learn.xb = tuple(x.flip(-1) for x in self.xb)',
      'def before_batch(self): self.learn.xb = tuple(x.flip(-2) for x in self.xb)',
      E + 'test_evaluate_mirror_tta_and_calibration_on_a_trained_run'),
     ("predict's TTA without the mirror", 'predict.py', 'return (model(x) + model(x.flip(-1))) / 2', 'return model(x)',
      E + 'test_predict_with_tta_is_the_mean_of_the_image_and_its_mirror'),
-    ('bf16 evaluation where it is emulated', 'predict.py', "if precision == 'bf16' and auto_precision(device)[0] != 'bf16'",
+    ('bf16 evaluation where it is emulated', 'predict.py',
+     "if precision == 'bf16' and auto_precision(device)[0] != 'bf16'",
      'if 0', E + 'test_native_precision_is_fp32_where_bf16_would_be_emulated'),
     ('evaluate.py --dry-run writes', 'experiments/evaluate.py', '    if not dry_run:', '    if True:',
      E + 'test_evaluate_command_records_the_numbers_once'),
     ('cams.py --image ignores --tta', 'cams.py', 'k=len(classes), tta=tta)', 'k=len(classes))',
      E + 'test_cams_image_with_tta_prints_the_tta_probabilities'),
-    ('no reliability diagram in a run', 'experiments/run.py', "    plot_reliability(ev.probs, ev.targs, out / 'calibration.png')\n", '',
+    ('no reliability diagram in a run', 'experiments/run.py',
+     "    plot_reliability(ev.probs, ev.targs, out / 'calibration.png')\n", '',
      'tests/test_run.py::test_run_on_a_tiny_folder_leaves_every_file'),
-    ('percentages rounded, 99.96% shown as 100.0%', 'app.py', 'math.floor(round(p * 1000, 6)) / 10', 'round(p * 1000) / 10',
-     'tests/test_app.py::test_percent_has_one_decimal_and_never_rounds_up_to_certainty'),
+    ('percentages rounded, 99.96% shown as 100.0%', 'app.py', 'math.floor(round(p * 1000, 6)) / 10',
+     'round(p * 1000) / 10', 'tests/test_app.py::test_percent_has_one_decimal_and_never_rounds_up_to_certainty'),
     ('the app ignores --tta', 'app.py', 'k=int(k), tta=st.tta)', 'k=int(k))',
      'tests/test_app_server.py::test_with_tta_it_answers_with_mirror_tta'),
+    # The checkout is the suite: commands from any folder, quietly; the docs' imports; the linter.
+    ('a command that does not quiet the warning', 'experiments/evaluate.py',
+     "quiet_warnings()  # before fastai's import (below), which warns while it is imported\n", '',
+     I + 'test_every_command_starts_quietly_from_any_folder'),
+    ('a tool that does not put its checkout first', 'tools/half_weights.py', 'sys.path.insert(0, str(ROOT))', 'pass',
+     I + 'test_every_command_starts_quietly_from_any_folder'),
+    ('importing cli filters the warning again', 'cli.py', '\n\nclass UsageError(Exception):',
+     '\n\nquiet_warnings()\n\n\nclass UsageError(Exception):', I + 'test_importing_cli_changes_no_warning_filter'),
+    ("the docs import load_model from predict", 'docs/gradcam.md',
+     'from predict import predict, preprocess\nfrom run_folder import load_model\n',
+     'from predict import load_model, predict, preprocess\n', 'tests/test_readme.py::test_the_gradcam_snippet_runs'),
+    ('the exported learner loaded where arch is the other package', 'tests/test_share.py',
+     "    env = {**os.environ, 'PYTHONPATH': str(ROOT)}\n", "    env = {**os.environ, 'PYTHONPATH': ''}\n",
+     'tests/test_share.py::test_a_run_exports_a_learner_that_predicts_as_predict_does'),
+    ('ruff without pyflakes', 'pyproject.toml', 'select = ["F", "E501"]', 'select = ["E501"]',
+     L + 'test_the_configuration_catches_what_it_is_for'),
+    ('an unused import', 'rng.py', 'import random\n', 'import os, random\n', L + 'test_ruff_check_passes'),
 ]
 
 
 def pytest(tree, *tests):
     "Run tests (ids or files) in `tree`: 'PASSED' or 'FAILED', and the seconds it took."
     env = {**os.environ, 'PYTHONPATH': str(tree), 'PYTHONWARNINGS': 'ignore::FutureWarning',
-           'CIFAR10_TGZ': str(ROOT.parent / 'shared' / 'data' / 'cifar10-png.tgz')}  # the copy has no ../shared beside it
+           # the copy has no ../shared beside it
+           'CIFAR10_TGZ': str(ROOT.parent / 'shared' / 'data' / 'cifar10-png.tgz')}
     t = time.perf_counter()
-    r = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', *tests], cwd=tree, env=env,
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider', *tests], cwd=tree,
+                       env=env, capture_output=True, text=True, timeout=900)
     return ('PASSED' if r.returncode == 0 else f'FAILED (exit {r.returncode})'), time.perf_counter() - t
 
 
@@ -124,8 +152,8 @@ def main(only=None):
         for f in files:
             (tree / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, tree / f)
-        print(f'checkout {subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()}, '
-              f'{len(BREAKS)} breaks, one at a time', flush=True)
+        head = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout
+        print(f'checkout {head.strip()}, {len(BREAKS)} breaks, one at a time', flush=True)
         for i, (what, f, old, new, test) in enumerate(BREAKS, 1):
             if only and i not in only: continue
             text = (tree / f).read_text()
