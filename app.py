@@ -1,4 +1,4 @@
-"""A web app for a trained run: top-k classes and Grad-CAM of any image, and the test set's mistakes. `python app.py --run DIR`."""
+"""A web app for a run: top-k classes and Grad-CAM of any image, the test set's mistakes. `python app.py --run DIR`."""
 import math, os, socket, subprocess, sys, threading, time, urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,12 +44,13 @@ def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=
     # read only when someone asks for the misclassified ones (`mistakes_interp`).
     examples = [str(p) for p in sorted((run / 'examples').glob('*.png'))]
     return SimpleNamespace(run=run, model=model, classes=classes, headline=headline(run), examples=examples,
-                           examples_dir=str(run / 'examples'), data=data, device=device, max_file_mb=max_file_mb, max_images=max_images,
-                           max_pixels=max_pixels, tta=tta, interp=None, worst=None, lock=threading.Lock())
+                           examples_dir=str(run / 'examples'), data=data, device=device, max_file_mb=max_file_mb,
+                           max_images=max_images, max_pixels=max_pixels, tta=tta, interp=None, worst=None,
+                           lock=threading.Lock())
 
 
 def percent(p):
-    "A probability as a percentage with one decimal, cut rather than rounded: 0.9996 is 99.9%, never a sure-looking 100%."
+    "A probability as a percentage with one decimal, cut, not rounded: 0.9996 is 99.9%, never a sure-looking 100%."
     return f'{math.floor(round(p * 1000, 6)) / 10:.1f}%'  # round(…, 6) first: 0.123 * 1000 is 122.99999999999999
 
 
@@ -62,7 +63,7 @@ def refused(message):
 
 
 def classify(st, files, k, layer, target, opacity):
-    "Top-k classes of each uploaded image, and each image with its Grad-CAM: (first image's label dict, gallery, table)."
+    "Top-k classes of each uploaded image, each image with its Grad-CAM: (first image's label dict, gallery, table)."
     from cams import cam_overlay, view_cam
     from predict import network_view, predict, read_image
     if not files: return {}, [], ''
@@ -100,11 +101,13 @@ def mistakes_interp(st):
             # memory (which the process keeps afterwards) is a quarter.
             try: interp = interpret(load_run(st.run, run_data(st.run, st.data), st.device, bs=128))
             except UsageError as e:
-                raise refused(f'the misclassified test images need the test set: {e}; start the app with --data DIR') from None
+                raise refused(f'the misclassified test images need the test set: {e}; '
+                              'start the app with --data DIR') from None
             # The gallery shows at most MAX_MISTAKES: their inputs now, so that no request runs the Learner again.
             st.worst = interp[top_misclassified(interp, MAX_MISTAKES)][0]
             # What the gallery reads of it, without the Learner and its 60,000 images, which can go now.
-            st.interp = SimpleNamespace(**{k: getattr(interp, k) for k in ('vocab', 'preds', 'targs', 'decoded', 'losses')})
+            st.interp = SimpleNamespace(**{k: getattr(interp, k)
+                                           for k in ('vocab', 'preds', 'targs', 'decoded', 'losses')})
     return st.interp, st.worst
 
 
@@ -165,9 +168,11 @@ def build(st, concurrency=CONCURRENCY):
                         gr.Examples([[[p]] for p in st.examples], inputs=files, label='or a test image',
                                     examples_per_page=10)
                 with gr.Column():
-                    label = gr.Label(num_top_classes=len(st.classes), label='prediction (first image)', elem_id='prediction')
+                    label = gr.Label(num_top_classes=len(st.classes), label='prediction (first image)',
+                                     elem_id='prediction')
                     table = gr.Markdown(elem_id='table')
-                    cams = gr.Gallery(label='Grad-CAM', columns=3, height='auto', object_fit='contain', format='png', elem_id='cams')
+                    cams = gr.Gallery(label='Grad-CAM', columns=3, height='auto', object_fit='contain', format='png',
+                                      elem_id='cams')
             inputs = [files, k, layer, target, opacity]
 
             def classify_images(files, k, layer, target, opacity):
@@ -182,7 +187,7 @@ def build(st, concurrency=CONCURRENCY):
                                  height='auto', format='png', elem_id='mistakes')
 
             def misclassified(n, layer, opacity):
-                "The n highest-loss misclassified test images with their predicted class's Grad-CAM: [(image, caption)]."
+                "The n highest-loss misclassified test images with the predicted class's Grad-CAM: [(image, caption)]."
                 return mistakes(st, n, layer, opacity)
             show.click(misclassified, [n, layer, opacity], gallery, api_name='mistakes', concurrency_limit=concurrency)
     return demo
@@ -208,18 +213,20 @@ def steady_heap(arenas=2, mmap_threshold=2**18):
 
 def offline():
     "Nothing leaves the machine: no Gradio analytics or version check, no Hugging Face Hub calls."
-    for var, value in (('GRADIO_ANALYTICS_ENABLED', 'False'), ('HF_HUB_OFFLINE', '1'), ('HF_HUB_DISABLE_TELEMETRY', '1')):
+    for var, value in (('GRADIO_ANALYTICS_ENABLED', 'False'), ('HF_HUB_OFFLINE', '1'),
+                       ('HF_HUB_DISABLE_TELEMETRY', '1')):
         os.environ.setdefault(var, value)
 
 
 @contextmanager
 def serving(run, port=None, timeout=300, log=None, args=()):
-    "Run `python app.py --run run [args]` on 127.0.0.1 (a free port by default); yields (URL, process, seconds to answer) once it answers."
+    "Run `python app.py --run run [args]` on 127.0.0.1 (default a free port); yields (URL, process, seconds to answer)."
     if port is None:
         with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     url, out = f'http://127.0.0.1:{port}/', open(log or os.devnull, 'w')
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'app.py'), '--run', str(run), '--port', str(port), *map(str, args)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / 'app.py'), '--run', str(run), '--port', str(port),
+                             *map(str, args)],
                             cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
@@ -243,7 +250,8 @@ def serving(run, port=None, timeout=300, log=None, args=()):
 def main(run: str = None,          # run folder (default: the newest finished one under runs/)
          host: str = None,         # address to listen on (default: $GRADIO_SERVER_NAME, else 127.0.0.1)
          port: int = None,         # port (default: $GRADIO_SERVER_PORT, else 7860)
-         data: str = None,         # CIFAR folder with the test images, if not the run's own (read for the mistakes only)
+         # CIFAR folder with the test images, if not the run's own (read for the mistakes only)
+         data: str = None,
          device: str = 'cpu',      # torch device for the model
          max_file_mb: int = MAX_FILE_MB,    # largest upload, in MB (2**20 bytes)
          max_images: int = MAX_IMAGES,      # most images in one classify request
@@ -252,7 +260,7 @@ def main(run: str = None,          # run folder (default: the newest finished on
          queue: int = QUEUE,                # requests that may wait beyond those
          tta: store_true = False,  # mirror TTA: each image's probabilities from its and its mirror's mean logits
          share: store_true = False):  # also ask Gradio for a public share link (it goes through gradio.live)
-    "Serve a Gradio app for a trained run: top-k classes and Grad-CAM of uploaded images, and the misclassified test images."
+    "Serve a Gradio app for a run: top-k classes and Grad-CAM of uploaded images, and the misclassified test images."
     quiet_warnings()  # here, not at the top: this module imports fastai only inside its functions
     offline()
     steady_heap()

@@ -7,7 +7,8 @@ from torch import nn
 
 from receptive import receptive_field, rf_table
 
-__all__ = ['conv_bn', 'Residual', 'Head', 'custom_resnet', 'model_summary', 'write_summary', 'receptive_field', 'BLOCKS']
+__all__ = ['conv_bn', 'Residual', 'Head', 'custom_resnet', 'model_summary', 'write_summary', 'receptive_field',
+           'BLOCKS']
 
 BLOCKS = ('prep', 'layer1', 'layer2', 'layer3')  # the named feature blocks, input to output
 
@@ -87,9 +88,10 @@ def model_summary(model, input_size=(3, 32, 32)):
 
 
 def write_summary(model, path, input_size=(3, 32, 32)):
-    "Write `model_summary`, then the receptive-field table below it, to `path` (a file, or a folder that gets `summary.txt`)."
+    "Write `model_summary`, then the receptive-field table, to `path` (a file, or a folder that gets `summary.txt`)."
     path = Path(path)
     if path.is_dir(): path = path / 'summary.txt'
     # The assignment's table first and untouched; the fields are a second table after a blank line.
-    path.write_text(model_summary(model, input_size) + '\n\n' + rf_table(receptive_field(model, input_size), input_size) + '\n')
+    path.write_text(model_summary(model, input_size) + '\n\n'
+                    + rf_table(receptive_field(model, input_size), input_size) + '\n')
     return path

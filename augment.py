@@ -22,7 +22,7 @@ def _inside(pos, start, size): return (pos >= start) & (pos < start + size)
 
 
 def batch_crop(x, pad=4, flip_p=0.):
-    "A random crop of each image of `x` (N×C×H×W) from its `pad`-pixel reflection padding, flipped left-right with probability `flip_p`."
+    "N×C×H×W `x`: each image a random crop of its `pad`-pixel reflection padding, mirrored with probability `flip_p`."
     n, c, h, w = x.shape
     shift = torch.randint(-pad, pad + 1, (2, n, 1), device=x.device)  # per-image (dy, dx)
     rows = _reflect(shift[0] + torch.arange(h, device=x.device), h)   # N×H source rows

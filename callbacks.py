@@ -12,12 +12,12 @@ from fastcore.basics import noop
 from cli import RunError
 from rng import rng_state, set_rng_state
 
-__all__ = ['RunLog', 'ETA', 'plain_console', 'Diverged', 'StopOnDivergence', 'Checkpoint', 'load_checkpoint', 'saved_epoch',
-           'truncate_logs']
+__all__ = ['RunLog', 'ETA', 'plain_console', 'Diverged', 'StopOnDivergence', 'Checkpoint', 'load_checkpoint',
+           'saved_epoch', 'truncate_logs']
 
 
 class RunLog(Callback):
-    "Appends metrics.csv (an epoch a row) and schedule.csv (a step a row) as training goes; adds LR and the mean loss to fastai's table."
+    "Appends metrics.csv (a row per epoch) and schedule.csv (a row per step); adds LR and mean loss to fastai's table."
     order = Recorder.order + 1  # after the Recorder has filled its log for the epoch
     # train_loss is fastai's: the smoothed loss at the epoch's end (an exponential average over the last ~50 steps,
     # at the end of the epoch's training). train_loss_mean is the mean over the epoch's steps, the same kind of number
@@ -121,7 +121,7 @@ class Diverged(RunError):
 
 
 class StopOnDivergence(Callback):
-    "Stops training at the first non-finite loss and says where, reading a flag kept on the device every `every` batches."
+    "Stops training at the first non-finite loss and says where, reading a device-side flag every `every` batches."
     order = -10  # after_loss, before the backward pass and the optimizer step
 
     # Reading the loss on the host makes the CPU wait for the GPU at every batch. The flag (the first bad step of

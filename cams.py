@@ -1,4 +1,4 @@
-"""Grad-CAM for the custom ResNet: `gradcam()`, `cams.py --n 10` for a run's mistakes, `cams.py --image` for any image."""
+"""Grad-CAM for the ResNet: `gradcam()`, `cams.py --n 10` for a run's mistakes, `cams.py --image` for any image."""
 import threading
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +13,7 @@ __all__ = ['gradcam', 'class_cams', 'gradcam_grid', 'cam_overlay', 'view_cam', '
 
 
 def gradcam(model, x, layer, target=None):
-    "Grad-CAM maps (N×H×W in [0, 1], on the model's device) of `target` classes, default the predicted ones, at `layer`."
+    "Grad-CAM maps (N×H×W in [0, 1], on the model's device) of `target` classes (default: predicted) at `layer`."
     # `x` goes to the model, not the model to `x`: fastai's Interpretation hands back its inputs on the CPU
     # whatever device the model trains on, and moving a user's model behind their back would surprise them.
     x = x.to(next(model.parameters()).device)
@@ -30,7 +30,8 @@ def gradcam(model, x, layer, target=None):
     try:
         with eval_mode(model), torch.enable_grad():
             logits = model(x)
-            target = logits.argmax(1) if target is None else torch.as_tensor(target, device=logits.device).expand(len(x))
+            target = (logits.argmax(1) if target is None
+                      else torch.as_tensor(target, device=logits.device).expand(len(x)))
             score = logits.gather(1, target.view(-1, 1)).sum()  # samples are independent in eval mode
             # autograd.grad, not backward(): a tensor-level gradient (as pytorch-grad-cam does with a tensor
             # hook, since module backward hooks break on in-place ReLUs), and no .grad left on the weights.
@@ -71,7 +72,8 @@ def class_cams(model, interp, idx, x, layer):
 
 def gradcam_grid(model, interp, idx, layer='layer3', x=None, cams=None):
     "A `Figure` of test images `idx`: each image above its predicted class's and its true class's Grad-CAM at `layer`."
-    x = interp[idx][0] if x is None else x  # fastai's Interpretation re-runs just these images through the test pipeline
+    # fastai's Interpretation re-runs just these images through the test pipeline
+    x = interp[idx][0] if x is None else x
     cam_p, cam_t = class_cams(model, interp, idx, x, layer) if cams is None else cams
     vocab, t, p, imgs, n = interp.vocab, interp.targs[idx], interp.decoded[idx], denorm(x), len(idx)
     fig = Figure(figsize=(1.9 * n + 0.8, 6.2))
@@ -114,7 +116,8 @@ def compare_layers(model, interp, idx, x, out):
         _overlay(axs[k, 0], imgs[k], None, f'pred {interp.vocab[p[k]]}')
         for j, name in enumerate(BLOCKS, 1):
             _overlay(axs[k, j], imgs[k], cams[name][k], name)
-    fig.suptitle('Grad-CAM of the predicted class at each block (prep 32×32, layer1 16×16, layer2 8×8, layer3 4×4)', fontsize=9)
+    fig.suptitle('Grad-CAM of the predicted class at each block (prep 32×32, layer1 16×16, layer2 8×8, layer3 4×4)',
+                 fontsize=9)
     return save_figure(fig, out / 'gradcam_layers.png').name
 
 
@@ -143,19 +146,21 @@ def explain(run=None, n=10, layer='layer3', out=None, compare=False, data=None, 
     files, grid = draw(learn.model, interp, idx, x, layer, out)
     layers_png = compare_layers(learn.model, interp, idx, x, out) if compare else None
     add_to_report(out / 'report.md', layer, files, grid, layers_png, note)
-    print(f'cams.py: wrote {len(files)} Grad-CAM figures, {grid}' + (f', {layers_png}' if layers_png else '') + f' in {out}')
+    print(f'cams.py: wrote {len(files)} Grad-CAM figures, {grid}' + (f', {layers_png}' if layers_png else '')
+          + f' in {out}')
     return [out / f for f in [*files, grid] + ([layers_png] if layers_png else [])]
 
 
 def explain_images(images, run=None, layer='layer3', target=None, out=None, data=None, device=None, tta=False):
-    "Print the top-3 classes of each image file (`tta`: with mirror TTA), and save its Grad-CAM beside it (or in `out`)."
+    "Print the top-3 classes of each image file (`tta`: with mirror TTA) and save its Grad-CAM beside it (or in `out`)."
     if layer not in BLOCKS: raise UsageError(f'--layer {layer!r} is not a block; choose one of {", ".join(BLOCKS)}')
     images = list(dict.fromkeys(Path(p) for p in images))
     views = [network_view(read_image(p)) for p in images]  # all read first: a bad third image fails before any work
     files = [(Path(out) if out else p.parent) / f'{p.stem}.gradcam.png' for p in images]
     for i, f in enumerate(files):
         if f in files[:i]:
-            raise UsageError(f'{images[files.index(f)]} and {images[i]} would both be drawn to {f}; give them separately')
+            raise UsageError(f'{images[files.index(f)]} and {images[i]} would both be drawn to {f}; '
+                             'give them separately')
     model, classes = load_model(find_run(run), device, data)
     if target is not None and target not in classes:
         raise UsageError(f'--target {target!r} is not a class of this run; choose one of {", ".join(classes)}')
@@ -186,7 +191,7 @@ def draw_image(model, view, shown, classes, layer, title, file):
 # ---- pictures for a front end (app.py): arrays, not figures ---------------------------------------------------
 
 def cam_overlay(img, cam=None, opacity=0.45, scale=1):
-    "The H×W×3 uint8 `img` with its Grad-CAM `cam` (H×W in [0, 1]) over it in jet colours at `opacity`, `scale`× larger."
+    "The H×W×3 uint8 `img` with Grad-CAM `cam` (H×W in [0, 1]) over it in jet colours at `opacity`, `scale`× larger."
     from matplotlib import colormaps
     out = np.asarray(img, dtype=np.float32) / 255
     if cam is not None and opacity > 0:  # the colours cams.py's figures use (`_overlay`), blended by hand
@@ -198,7 +203,7 @@ def cam_overlay(img, cam=None, opacity=0.45, scale=1):
 
 
 def view_cam(model, view, layer='layer3', target=None):
-    "The Grad-CAM (H×W in [0, 1], numpy) at block `layer` of class index `target` (default: predicted) for one network view."
+    "Grad-CAM (H×W in [0, 1], numpy) at block `layer` of class index `target` (default: predicted) for a network view."
     if layer not in BLOCKS: raise UsageError(f'layer {layer!r} is not a block; choose one of {", ".join(BLOCKS)}')
     return gradcam(model, to_input(view), model.get_submodule(layer), target)[0].cpu().numpy()
 
@@ -231,8 +236,9 @@ def main(n: int = 10,                        # how many misclassified test image
          # image files to classify and explain instead of the test set: repeat the flag, or list several after it
          image: Annotated[str, {'action': 'extend', 'nargs': '+'}] = None,
          target: str = None,                 # with --image: also draw the Grad-CAM of this class
-         tta: store_true = False):           # with --image: mirror TTA, the mean of each image's and its mirror's logits
-    "Draw Grad-CAM for the misclassified test images of a training run, or top-3 classes and Grad-CAM for --image files."
+         # with --image: mirror TTA, the mean of each image's and its mirror's logits
+         tta: store_true = False):
+    "Draw Grad-CAM for a training run's misclassified test images, or top-3 classes and Grad-CAM for --image files."
     with user_errors('cams.py'):
         if image:
             if compare_layers: raise UsageError('--compare-layers is for a run\'s test images, not --image')

@@ -1,4 +1,4 @@
-"""What every command shares: one-line errors (a user's mistake exits with a message, never a traceback), a quiet start."""
+"""What every command shares: one-line errors (a user's mistake exits with a message, no traceback), a quiet start."""
 import os, signal, sys, threading, warnings
 from contextlib import contextmanager
 
@@ -66,5 +66,6 @@ def torch_device(name=None):
     if name is None: return default_device()
     try: dev = torch.device(name)
     except RuntimeError: raise UsageError(f'--device {name!r} is not a torch device (try cuda or cpu)') from None
-    if dev.type == 'cuda' and not torch.cuda.is_available(): raise UsageError(f'--device {name}: no CUDA GPU is available')
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name}: no CUDA GPU is available')
     return dev

@@ -1,4 +1,4 @@
-"""CIFAR-10 as fastai `DataLoaders`: read a release or decode images once; gather and augment whole batches on the device."""
+"""CIFAR-10 as fastai `DataLoaders`: read a release or decode images once; gather and augment full batches on device."""
 import hashlib, multiprocessing as mp, os, random, signal, tempfile
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -207,7 +207,8 @@ def cifar_dls(path=None, bs=512, subset=None, device=None, seed=None, cache_dir=
     classes, arrays = load_arrays(root, cache_dir=cache_dir, verbose=verbose)
     (x_tr, y_tr), (x_te, y_te) = arrays['train'], arrays['test']
     if subset is not None and subset < len(classes):
-        raise DataError(f'--subset {subset} is smaller than the number of classes ({len(classes)}); use at least {len(classes)}')
+        raise DataError(f'--subset {subset} is smaller than the number of classes ({len(classes)}); '
+                        f'use at least {len(classes)}')
     if subset:  # a fixed class-balanced draw, the same for every seed, so that runs stay comparable
         tr, te = balanced_subset(y_tr, subset, len(classes)), balanced_subset(y_te, subset // 5, len(classes))
         x_tr, y_tr, x_te, y_te = x_tr[tr], y_tr[tr], x_te[te], y_te[te]

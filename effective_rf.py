@@ -51,7 +51,7 @@ def central_gradients(model, images, blocks=BLOCKS, bs=64):
 
 
 def mass_radius(grad, centre, share):
-    "The smallest r such that the pixels within r of `centre` (a square: the larger of |dy| and |dx|) hold `share` of the mass."
+    "The smallest r such that the pixels within r of `centre` (a square: max(|dy|, |dx|) ≤ r) hold `share` of the mass."
     ys, xs = np.indices(grad.shape)
     d = np.maximum(abs(ys - centre[0]), abs(xs - centre[1])).ravel()
     order = np.argsort(d, kind='stable')
@@ -79,7 +79,7 @@ def measure(trained, init, images, init_note, blocks=BLOCKS):
 
 
 def plot_effective_rf(result, maps, path):
-    "Rows init and trained, a column per block: the mean |input gradient| of the central unit, the theoretical field a square."
+    "Rows init and trained, a column a block: the central unit's mean |input gradient|, the theoretical field a square."
     blocks = list(result['blocks'])
     fig = Figure(figsize=(3.2 * len(blocks), 6.6))
     axs = np.array(fig.subplots(2, len(blocks), squeeze=False))
@@ -95,7 +95,8 @@ def plot_effective_rf(result, maps, path):
             ax.add_patch(Rectangle((-0.5, -0.5), w, h, fill=False, ec='grey', lw=0.8))
             lo, hi = min(-0.5, cx - rf / 2, cy - rf / 2) - 1, max(w - 0.5, cx + rf / 2, cy + rf / 2) + 1
             ax.set(xlim=(lo, hi), ylim=(hi, lo), xticks=[], yticks=[])
-            ax.set_title(f"{kind} {b}: RF {rf}\n50% within {f[kind]['r50']:g} px, 90% within {f[kind]['r90']:g}", fontsize=9)
+            ax.set_title(f"{kind} {b}: RF {rf}\n50% within {f[kind]['r50']:g} px, 90% within {f[kind]['r90']:g}",
+                         fontsize=9)
     fig.suptitle(f"mean |∂ central unit / ∂ input| over {result['n_images']} test images; dashed: the theoretical "
                  'field, dotted: 90% of the mass', fontsize=10)
     return save_figure(fig, path)
@@ -109,10 +110,11 @@ def rf_section(result, table):
              f"central unit, summed over channels, with respect to the input, over {result['n_images']} test images; "
              f"at initialisation, {result['init']}. A radius r is the half-side of the smallest square around the "
              f"unit's field centre that holds that share of the gradient mass (the theoretical field's is (RF − 1)/2). "
-             f"Measured in {result['seconds']:.1f} s ({result['cpu_seconds']:.1f} s of CPU time, {result['torch_threads']} "
-             f"threads) on {result['device']}.", '',
+             f"Measured in {result['seconds']:.1f} s ({result['cpu_seconds']:.1f} s of CPU time, "
+             f"{result['torch_threads']} threads) on {result['device']}.", '',
              '![receptive_field](receptive_field.png)', '',
-             '| block | RF | RF radius | init r50 | init r90 | trained r50 | trained r90 |', '|---|---|---|---|---|---|---|']
+             '| block | RF | RF radius | init r50 | init r90 | trained r50 | trained r90 |',
+             '|---|---|---|---|---|---|---|']
     lines += [f"| {b} | {f['rf']} | {f['rf_radius']:g} | {f['init']['r50']:g} | {f['init']['r90']:g} | "
               f"{f['trained']['r50']:g} | {f['trained']['r90']:g} |" for b, f in result['blocks'].items()]
     return marked('receptive_field', lines + ['', 'Numbers: `receptive_field.json`.'])

@@ -1,4 +1,4 @@
-"""What the trained model gets wrong: fastai's ClassificationInterpretation, the misclassified gallery and the confusion matrix."""
+"""What the model gets wrong: fastai's ClassificationInterpretation, the misclassified gallery, the confusion matrix."""
 from pathlib import Path
 
 import numpy as np
@@ -80,13 +80,14 @@ def plot_confusion(interp, path):
     ax.set_xticklabels(vocab, rotation=45, ha='right')
     ax.set_yticklabels(vocab)
     for i, j in np.ndindex(cm.shape):
-        ax.text(j, i, cm[i, j], ha='center', va='center', fontsize=8, color='white' if cm[i, j] > cm.max() / 2 else 'black')
+        ax.text(j, i, cm[i, j], ha='center', va='center', fontsize=8,
+                color='white' if cm[i, j] > cm.max() / 2 else 'black')
     fig.colorbar(im, ax=ax, fraction=0.046)
     save_figure(fig, path)
 
 
 def save_test_examples(dl, folder, n=10):
-    "Save `n` images of the test DataLoader `dl` (data.py's `ArrayDL`) as PNGs in `folder`, a class at a time; returns their paths."
+    "Save `n` images of test loader `dl` (an `ArrayDL`) as PNGs in `folder`, a class at a time; returns their paths."
     labels = dl.labels[dl.rows].cpu()
     firsts = [torch.nonzero(labels == c).flatten().tolist() for c in range(len(dl.vocab))]
     # The first image of each class, then the second of each, ...: ten examples show all ten CIFAR classes.
@@ -101,10 +102,11 @@ def save_test_examples(dl, folder, n=10):
     return paths
 
 
-# ---- how far the probabilities can be trusted: calibration (Guo et al., "On Calibration of Modern Neural Networks", 2017)
+# ---- how far the probabilities can be trusted: calibration
+# (Guo et al., "On Calibration of Modern Neural Networks", 2017)
 
 def calibration_bins(probs, targs, n_bins=ECE_BINS):
-    "Per equal-width bin of the top class's probability over [0, 1]: (count, mean confidence, accuracy) as numpy arrays."
+    "Per equal-width bin of the top class's probability in [0, 1]: (count, mean confidence, accuracy) as numpy arrays."
     probs, targs = torch.as_tensor(probs).float(), torch.as_tensor(targs)
     conf, pred = probs.max(1)
     # Bin b holds confidences in (b/n, (b+1)/n], as torchmetrics' MulticlassCalibrationError bins them; 0 goes to bin 0.
@@ -117,7 +119,7 @@ def calibration_bins(probs, targs, n_bins=ECE_BINS):
 
 
 def expected_calibration_error(probs, targs, n_bins=ECE_BINS):
-    "ECE: the mean over all images of |accuracy − confidence| of their bin, each bin weighted by its share of the images."
+    "ECE: the mean over all images of |accuracy − confidence| of their bin, each bin weighted by its share of images."
     return _ece(*calibration_bins(probs, targs, n_bins))
 
 
@@ -125,7 +127,7 @@ def _ece(count, conf, acc): return float((count * np.abs(acc - conf)).sum() / co
 
 
 def plot_reliability(probs, targs, path, title='test set', n_bins=ECE_BINS):
-    "The reliability diagram: accuracy against confidence per bin, the gap to the diagonal, and how many images each bin holds."
+    "The reliability diagram: accuracy against confidence per bin, the gap to the diagonal, and each bin's image count."
     count, conf, acc = calibration_bins(probs, targs, n_bins)
     edges = np.linspace(0, 1, n_bins + 1)
     mid, width, seen = (edges[:-1] + edges[1:]) / 2, 1 / n_bins, count > 0

@@ -1,4 +1,4 @@
-"""fastai's `lr_find`, run so that it leaves the learner untouched, and the rule that turns its curve into LRMIN and LRMAX."""
+"""fastai's `lr_find`, run so that the learner is untouched, and the rule that turns its curve into LRMIN and LRMAX."""
 import tempfile, time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +31,7 @@ class CurveRule:
 
 
 def curve_rule(lrs, losses):
-    "LRMAX at the bottom of the curve (a parabola's vertex), LRMIN where the descent begins, from a trimmed finder curve."
+    "LRMAX at the curve's bottom (a parabola's vertex), LRMIN where the descent begins, from a trimmed finder curve."
     lrs, losses = np.asarray(lrs, dtype=float), np.asarray(losses, dtype=float)
     if len(lrs) < 2: raise FinderError(f'the finder curve has {len(lrs)} usable point(s); it needs at least 2')
     t, i = np.log10(lrs), int(losses.argmin())
@@ -54,7 +54,8 @@ def curve_rule(lrs, losses):
     elif lrs[above[-1]] > hi: lr_min, why_min = hi, f'LRMAX/{RATIO[0]} (the descent began above it)'
     elif lrs[above[-1]] < lo: lr_min, why_min = lo, f'LRMAX/{RATIO[1]} (the descent began below it)'
     else: lr_min, why_min = lrs[above[-1]], f'start of the descent ({DESCENT:.0%} of the drop)'
-    return CurveRule(float(lr_min), float(lr_max), f'LRMIN = {why_min}; LRMAX = {why_max}', plateau, float(threshold), fit)
+    return CurveRule(float(lr_min), float(lr_max), f'LRMIN = {why_min}; LRMAX = {why_max}', plateau, float(threshold),
+                     fit)
 
 
 def _loss_at(lrs, losses, lr):
@@ -99,7 +100,7 @@ def suggest(lrs, losses, num_it):
 
 @dataclass
 class LRFind:
-    "What `find_lrs` found: the chosen LRMIN and LRMAX with the rule's construction, fastai's four suggestions, the curve."
+    "What `find_lrs` found: the chosen LRMIN and LRMAX, the rule's construction, fastai's four suggestions, the curve."
     suggestions: dict
     lr_min: float
     lr_max: float
@@ -123,7 +124,7 @@ class LRFind:
 
 
 class FinderError(RunError):
-    "The finder's curve was too short or too flat to choose LRMIN and LRMAX from: the run fails (exit 1), no flag was wrong."
+    "The finder's curve was too short or too flat to choose LRMIN and LRMAX: the run fails (exit 1); no flag was wrong."
 
 
 def find_lrs(learn, num_it=100, start_lr=1e-7, end_lr=10):

@@ -1,11 +1,12 @@
-"""The precision and memory layout a device runs natively (bf16 and channels-last, or fp32), and the callbacks for them."""
+"""The precision and memory layout a device runs natively (bf16 and channels-last, or fp32), and their callbacks."""
 import os, platform, warnings
 
 import torch
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 
-__all__ = ['PRECISIONS', 'cpu_bf16_unit', 'device_name', 'auto_precision', 'concrete_precision', 'BF16', 'ChannelsLastBatches']
+__all__ = ['PRECISIONS', 'cpu_bf16_unit', 'device_name', 'auto_precision', 'concrete_precision', 'BF16',
+           'ChannelsLastBatches']
 
 PRECISIONS = ('auto', 'fp32', 'bf16')
 
@@ -32,7 +33,7 @@ def device_name(device):
 
 
 def auto_precision(device):
-    "`(precision, channels_last, why)` for `device`: bf16 autocast and channels-last where it runs bf16 natively, else fp32."
+    "`(precision, channels_last, why)` for `device`: bf16 autocast + channels-last if it runs bf16 natively, else fp32."
     device = torch.device(device)
     if device.type == 'cuda':
         name = torch.cuda.get_device_name(device)
@@ -46,7 +47,7 @@ def auto_precision(device):
 
 
 def concrete_precision(precision, channels_last, device):
-    "`(precision, channels_last, why)` as training uses them: 'auto' made concrete by `auto_precision`, the rest as asked."
+    "`(precision, channels_last, why)` as training uses them: 'auto' resolved by `auto_precision`, the rest as asked."
     if precision != 'auto': return precision, channels_last, 'as asked'
     precision, native_layout, why = auto_precision(device)
     return precision, channels_last or native_layout, f'auto: {why}'

@@ -1,4 +1,4 @@
-"""A prediction for any image: load it as the test set was loaded, and return the top-k classes with their probabilities."""
+"""A prediction for any image: load it as the test set was loaded, return the top-k classes with their probabilities."""
 from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
@@ -23,8 +23,8 @@ from precision import ChannelsLastBatches, auto_precision
 from train import ScaledCrossEntropy, cifar_learner
 
 __all__ = ['CIFAR10_CLASSES', 'SIZE', 'Prediction', 'read_image', 'network_view', 'to_input', 'preprocess', 'predict',
-           'eval_mode', 'mirror_tta', 'Mirror', 'Evaluation', 'evaluate', 'native_precision', 'RGBImage', 'inference_dls',
-           'export_learner']
+           'eval_mode', 'mirror_tta', 'Mirror', 'Evaluation', 'evaluate', 'native_precision', 'RGBImage',
+           'inference_dls', 'export_learner']
 
 # CIFAR-10's classes in label order, which is also the sorted order of its folders and so of `dls.vocab`.
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -50,7 +50,8 @@ def read_image(path, max_pixels=None):
             # A phone photo stores its rotation in EXIF; without this a portrait shot reaches the network sideways.
             return _rgb(ImageOps.exif_transpose(im))  # converting also decodes: a truncated file fails here
     except UsageError: raise
-    except Image.DecompressionBombError as e:  # PIL's own guard, at twice its MAX_IMAGE_PIXELS, met in open() before ours
+    # PIL's own guard, at twice its MAX_IMAGE_PIXELS, met in open() before ours
+    except Image.DecompressionBombError as e:
         limit = min(max_pixels or float('inf'), 2 * Image.MAX_IMAGE_PIXELS)  # the image is over both
         raise UsageError(f'image {path} is over the limit of {limit:,} pixels ({e})') from None
     # PIL raises many kinds for a damaged file (OSError, SyntaxError, ValueError), as data.py finds.
@@ -123,7 +124,7 @@ def eval_mode(model):
 
 
 def mirror_tta(model, x):
-    "Mirror test-time augmentation, as cifar10-fast does it: the mean of the logits of each image in `x` and of its mirror."
+    "Mirror test-time augmentation, as in cifar10-fast: the mean of the logits of each image in `x` and of its mirror."
     return (model(x) + model(x.flip(-1))) / 2
 
 
@@ -136,8 +137,8 @@ def predict(model, img, classes, k=3, tta=False):
         logits = mirror_tta(model, x) if tta else model(x)
     if logits.shape[1] != len(classes):
         raise UsageError(f'the model has {logits.shape[1]} outputs but {len(classes)} class names were given')
-    # The loss's own activation, softmax(scale × logits): the probabilities the run trained. `load_model` gives the model
-    # its run's scale; any other model gets the recipe's.
+    # The loss's own activation, softmax(scale × logits): the probabilities the run trained. `load_model` gives the
+    # model its run's scale; any other model gets the recipe's.
     probs = ScaledCrossEntropy(getattr(model, 'logit_scale', ScaledCrossEntropy().scale)).activation(logits)[0]
     top = probs.topk(min(k, len(classes)))
     return [Prediction(classes[i], p) for p, i in zip(top.values.tolist(), top.indices.tolist())]
@@ -153,7 +154,7 @@ class Mirror(Callback):
 
 
 class Evaluation(NamedTuple):
-    "A model's final numbers on a test set (`metrics`), and the probabilities (plain and mirror-TTA) and targets behind them."
+    "A model's final test-set numbers (`metrics`) and the probabilities (plain and mirror-TTA) and targets behind them."
     metrics: dict
     probs: torch.Tensor
     targs: torch.Tensor
@@ -161,7 +162,7 @@ class Evaluation(NamedTuple):
 
 
 def evaluate(learn, dl=None, tta=True):
-    "The test set's accuracy with and without mirror TTA, its NLL and its expected calibration error, by fastai's `get_preds`."
+    "The test set's accuracy with and without mirror TTA, NLL and expected calibration error, by fastai's `get_preds`."
     # Two passes in the learner's own precision and layout: the images, then their mirrors. The accuracy without TTA
     # is the recipe's number (metrics.csv's last test_acc); the calibration is that of the same, plain, probabilities.
     dl = dl if dl is not None else learn.dls.valid
@@ -181,7 +182,7 @@ def evaluate(learn, dl=None, tta=True):
 
 
 def native_precision(precision, device):
-    "The precision to evaluate a `precision` run in on `device`: its own where the hardware runs it natively, else fp32."
+    "The precision to evaluate a `precision` run in on `device`: its own if the hardware runs it natively, else fp32."
     # On a CPU without AMX or AVX-512 BF16, bf16 is emulated, several times slower than fp32 (7 min for the shipped
     # model's test set on such a machine): fp32 there, at a measured cost in agreement (docs/evaluation.md).
     if precision == 'bf16' and auto_precision(device)[0] != 'bf16': return 'fp32'
@@ -191,7 +192,7 @@ def native_precision(precision, device):
 # ---- fastai's way to share a model: learn.export() and load_learner --------------------------------------------
 
 class RGBImage(PILImage):
-    "fastai's `PILImage`, made as `predict` reads an image: EXIF rotation applied, any mode to RGB, arrays as `predict` takes them."
+    "fastai's `PILImage` as `predict` makes it: EXIF rotation applied, any mode to RGB, arrays as `predict` takes them."
     # fastai's own `PILImage.create` neither applies EXIF rotation nor converts a PIL image it is handed (an RGBA
     # image would reach the network with 4 channels), and a bad file would raise PIL's error, not our one line.
     # The annotation is what fastai's `test_dl` matches an item against to know where its pipeline starts.
@@ -207,7 +208,8 @@ def inference_dls(classes, device=None):
     # transforms: RGB (`RGBImage`), squashed to SIZE×SIZE with BICUBIC (`network_view`), then /255 and cifar_stats.
     dblock = DataBlock(blocks=(ImageBlock(RGBImage), CategoryBlock(vocab=list(classes), sort=False)),
                        get_x=ItemGetter(0), get_y=ItemGetter(1), splitter=IndexSplitter([]),
-                       item_tfms=Resize(SIZE, ResizeMethod.Squish, resamples=(Image.Resampling.BICUBIC, Image.Resampling.NEAREST)),
+                       item_tfms=Resize(SIZE, ResizeMethod.Squish,
+                                        resamples=(Image.Resampling.BICUBIC, Image.Resampling.NEAREST)),
                        batch_tfms=Normalize.from_stats(*cifar_stats, cuda=False))
     # fastai infers a pipeline's types from its first item, so it is built on one blank image, then emptied.
     blank = (Image.new('RGB', (SIZE, SIZE)), classes[0])
@@ -215,7 +217,7 @@ def inference_dls(classes, device=None):
 
 
 def export_learner(model, classes, file, device=None, logit_scale=0.125):
-    "Write `file` with fastai's `learn.export()`: an fp32 copy of `model` and `inference_dls(classes)`, for `load_learner`."
+    "Write `file` with `learn.export()`: an fp32 copy of `model` and `inference_dls(classes)`, for `load_learner`."
     file = Path(file)
     # A fresh copy, not the training learner's model: no bf16 or channels-last callbacks travel, and the weights
     # are plain fp32, so `load_learner(...).predict` gives `predict`'s probabilities.

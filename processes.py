@@ -1,4 +1,4 @@
-"""Several processes (torchrun, `accelerate launch`): fastai's `distrib_ctx` with CPU work-arounds, and what one process does alone."""
+"""Several processes (torchrun, accelerate): `distrib_ctx` with CPU work-arounds, and what one process does alone."""
 import os
 from contextlib import contextmanager
 
@@ -26,7 +26,8 @@ def distributed(learn):
         with learn.distrib_ctx(sync_bn=not cpu): yield learn  # SyncBatchNorm has no CPU kernel; NCCL GPUs get it
     finally:
         DistributedDL._broadcast = fastai_broadcast
-        if env is None: os.environ.pop('ACCELERATE_USE_CPU', None)  # the environment as it was: a later fit may be on a GPU
+        # the environment as it was: a later fit may be on a GPU
+        if env is None: os.environ.pop('ACCELERATE_USE_CPU', None)
         else: os.environ['ACCELERATE_USE_CPU'] = env
         if torch.distributed.is_initialized(): torch.distributed.destroy_process_group()
 

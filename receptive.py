@@ -105,8 +105,8 @@ def _trace(model, input_size, names=()):
             n_in, n_out = x.shape[-2:], out.shape[-2:]
             fields = [f.window(*a) for f, *a in zip(x._fields, *_window_args(m, n_in, n_out))]
         elif out.dim() == 4 and out.shape[-2:] != x.shape[-2:]:
-            raise ValueError(f'{type(m).__name__} changes the map from {tuple(x.shape[-2:])} to {tuple(out.shape[-2:])}, '
-                             'and its receptive field is not known here')
+            raise ValueError(f'{type(m).__name__} changes the map from {tuple(x.shape[-2:])} to '
+                             f'{tuple(out.shape[-2:])}, and its receptive field is not known here')
         elif out.dim() < 4 and x.dim() == 4:  # a layer that reads the whole map at once
             fields = [f.whole(n) for f, n in zip(x._fields, x.shape[-2:])]
         else: fields = x._fields  # BN, ReLU, Dropout, a Linear after a flatten: the field is unchanged

@@ -7,8 +7,8 @@ from matplotlib.figure import Figure  # no pyplot: no display, no global backend
 
 from lrfind import DESCENT
 
-__all__ = ['read_csv', 'save_json', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report', 'marked',
-           'put_section', 'evaluation_section', 'headline']
+__all__ = ['read_csv', 'save_json', 'save_figure', 'plot_lr_find', 'plot_schedule', 'plot_curves', 'write_report',
+           'marked', 'put_section', 'evaluation_section', 'headline']
 
 DPI = 100
 
@@ -45,7 +45,8 @@ def plot_lr_find(found, path, title=None):
     if c is not None and c.fit:  # the rule's construction: the fitted parabola and the descent's threshold
         lo, hi, a, b, k = c.fit
         t = np.linspace(np.log10(lo), np.log10(hi), 50)
-        ax.plot(10 ** t, a * t ** 2 + b * t + k, color='tab:red', lw=2.5, alpha=0.35, label='parabola around the lowest loss')
+        ax.plot(10 ** t, a * t ** 2 + b * t + k, color='tab:red', lw=2.5, alpha=0.35,
+                label='parabola around the lowest loss')
     if c is not None:
         ax.axhline(c.threshold, color='tab:green', ls=':', lw=1, label=f'plateau − {DESCENT:.0%} of the drop')
     ax.axvline(found.lr_min, color='tab:green', ls='--', label=f'LRMIN {found.lr_min:.2e}')
@@ -116,7 +117,8 @@ def write_report(folder, config, found, sections=()):
               f"| seed | {config['seed']} |", f"| git commit | `{config['git_commit']}` |", '']
     if found.get('suggestions'):
         lines += ['## Learning-rate finder', '', '| suggestion | LR |', '|---|---|']
-        lines += [f'| {k} | {"n/a (curve too short)" if v is None else f"{v:.3g}"} |' for k, v in found['suggestions'].items()]
+        lines += [f'| {k} | {"n/a (curve too short)" if v is None else f"{v:.3g}"} |'
+                  for k, v in found['suggestions'].items()]
         lines += ['', '![lr_find](lr_find.png)', '']
     lines += ['## Schedule', '', '![schedule](schedule.png)', '', '## Curves', '', '![curves](curves.png)', '']
     if rows:
@@ -146,7 +148,7 @@ def put_section(report, section):
 
 
 def evaluation_section(m, figure='calibration.png'):
-    "report.md's section on the final model's test numbers `m` (`predict.evaluate`'s metrics) and its reliability diagram."
+    "report.md's section on the final model's test numbers `m` (`predict.evaluate`'s metrics) and reliability diagram."
     rows = [('accuracy', f"{100 * m['test_acc']:.2f}%", "the recipe's number: each test image once, as trained")]
     if 'test_acc_tta' in m:
         rows.append(('accuracy, mirror TTA', f"{100 * m['test_acc_tta']:.2f}%",

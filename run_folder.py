@@ -18,18 +18,20 @@ ROOT = Path(__file__).resolve().parent
 def find_run(run):
     "The run folder to explain: `run`, or the newest folder under runs/ with a model."
     if run is None:
-        runs = sorted((p for p in (ROOT / 'runs').glob('*') if (p / 'model.pth').exists()), key=lambda p: p.stat().st_mtime)
+        runs = sorted((p for p in (ROOT / 'runs').glob('*') if (p / 'model.pth').exists()),
+                      key=lambda p: p.stat().st_mtime)
         if not runs: raise UsageError(f'no finished runs under {ROOT / "runs"}; train one first, or pass --run DIR')
         return runs[-1]
     run = Path(run)
-    if not run.is_dir(): raise UsageError(f'--run {run} does not exist' if not run.exists() else f'--run {run} is not a folder')
+    if not run.is_dir():
+        raise UsageError(f'--run {run} does not exist' if not run.exists() else f'--run {run} is not a folder')
     for f in ('config.json', 'model.pth'):
         if not (run / f).exists(): raise UsageError(f'run folder {run} has no {f}; did its training finish?')
     return run
 
 
 def run_data(run, data=None):
-    "The CIFAR folder with a run's test images: `data`, else the run's own if it is still there, else $CIFAR10_DIR or a download."
+    "A run's CIFAR test-image folder: `data`, else the run's own if it is still there, else $CIFAR10_DIR or a download."
     if data: return data
     recorded = json.loads((Path(run) / 'config.json').read_text()).get('data')
     # A run copied to another machine (a Space, say) has lost its folder; fastai's download then gets CIFAR-10.
@@ -52,7 +54,7 @@ def run_classes(run, n_out, data=None):
 
 
 def load_model(run, device=None, data=None):
-    "A run folder's trained `custom_resnet` (on `device`, default the GPU if there is one, with its `logit_scale`) and its class names."
+    "A run's trained `custom_resnet` (on `device`, default the GPU if any, with its `logit_scale`) and its class names."
     run, file = Path(run), Path(run) / 'model.pth'
     dev = torch_device(device)
     try:
@@ -62,7 +64,8 @@ def load_model(run, device=None, data=None):
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, AttributeError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f'{file} is not a custom_resnet state_dict ({reason})') from None
-    # The scale its loss put on the logits, for `predict`'s probabilities; runs before config.json recorded it used 0.125.
+    # The scale its loss put on the logits, for `predict`'s probabilities; runs before config.json recorded it
+    # used 0.125.
     model.logit_scale = json.loads((run / 'config.json').read_text()).get('logit_scale', 0.125)
     return model.to(dev).eval(), run_classes(run, model.head.fc.out_features, data)
 
@@ -70,8 +73,8 @@ def load_model(run, device=None, data=None):
 def load_run(run, data=None, device=None, bs=None):
     "A Learner with the run's trained weights, over the run's own test images (in batches of `bs`, default the run's)."
     config = json.loads((run / 'config.json').read_text())
-    dls = cifar_dls(data or config.get('data'), bs=bs or config.get('bs', 512), subset=config.get('subset'), device=device,
-                    verbose=False)
+    dls = cifar_dls(data or config.get('data'), bs=bs or config.get('bs', 512), subset=config.get('subset'),
+                    device=device, verbose=False)
     model, _ = load_model(run, dls.device, data)  # with its one-line errors
     if model.head.fc.out_features != len(dls.vocab):
         raise UsageError(f'{run / "model.pth"} has {model.head.fc.out_features} classes, its data {len(dls.vocab)}')
@@ -81,7 +84,7 @@ def load_run(run, data=None, device=None, bs=None):
 
 
 def evaluate_run(run, data, state=None, device='cpu', precision=None, bs=None, tta=True):
-    "A run's `Evaluation` over all its test images in `data`: its plain accuracy is its last epoch's; `state`: other weights."
+    "A run's `Evaluation` on all its test images in `data`: plain accuracy is its last epoch's; `state`: other weights."
     # fastai's `get_preds`, with the run's subset and memory layout, and its precision where it is native here
     # (`native_precision`; `precision` overrides): the numbers of its metrics.csv, so that a shipped model.pth can be
     # checked against them. In eval mode each image's answer does not depend on its batch, so `bs` changes only speed.

@@ -1,4 +1,4 @@
-"""A run, live in TensorBoard (`tensorboard --logdir runs`): the LR and smoothed loss per step, the epoch's metrics, the figures."""
+"""A run, live in TensorBoard (`tensorboard --logdir runs`): LR and smoothed loss per step, epoch metrics, figures."""
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ EPOCH_SCALARS = {'train_loss': 'train_loss', 'train_loss_mean': 'train_loss_mean
 
 
 class TensorBoardLog(TensorBoardCallback):
-    "fastai's `TensorBoardCallback`, writing each step's LR and smoothed loss at its epoch's end, and the epoch's metrics."
+    "fastai's `TensorBoardCallback`, writing each step's LR and smoothed loss at its epoch's end, and epoch metrics."
     # fastai's own writes the smoothed loss at every step: a host read of the device at every batch. Here the
     # step's values stay on the device and are written together when the epoch ends, in one read.
     def __init__(self, log_dir): super().__init__(log_dir, trace_model=False, log_preds=False)

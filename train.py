@@ -23,7 +23,7 @@ PEAK = 5 / 24  # the assignment's LR peak: epoch 5 of 24, as a fraction of all t
 
 
 class ScaledCrossEntropy(CrossEntropyLossFlat):
-    "Cross-entropy on `scale × logits`: cifar10-fast's Mul(0.125), kept in the loss so the network stays the assignment's."
+    "Cross-entropy on `scale × logits`: cifar10-fast's Mul(0.125), in the loss so the network stays the assignment's."
     def __init__(self, scale=0.125, label_smoothing=0., **kwargs):
         super().__init__(label_smoothing=label_smoothing, **kwargs)
         self.scale = scale
@@ -47,15 +47,16 @@ def cifar_learner(dls, model=None, mom=0.9, wd=5e-4, logit_scale=0.125, label_sm
     # torch SGD, Nesterov momentum 0.9 held constant, and L2 decay 5e-4 on every weight, BN included.
     # fastai's own SGD has no Nesterov, so torch's is wrapped; `moms` pins fastai's momentum schedule flat.
     # `weight_decay` is set at build time too, so the optimizer is the recipe's from `create_opt()` on, not from `fit`.
-    if precision not in PRECISIONS: raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+    if precision not in PRECISIONS:
+        raise ValueError(f'precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
     precision, channels_last, _ = concrete_precision(precision, channels_last, dls.device)
     opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=mom, nesterov=True, weight_decay=wd)
     learn = CifarLearner(dls, model if model is not None else custom_resnet(len(dls.vocab)), opt_func=opt_func,
                          loss_func=ScaledCrossEntropy(logit_scale, label_smoothing), metrics=DeviceAvgMetric(accuracy),
                          wd=wd,
                          # BN weights decay too, as in cifar10-fast. torch's SGD decays every parameter whatever this
-                         # says (fastai's `False` only writes a `do_wd` flag that torch never reads); saying `True` keeps
-                         # BN decayed if fastai's own SGD, which does read the flag, is ever swapped in.
+                         # says (fastai's `False` only writes a `do_wd` flag that torch never reads); saying `True`
+                         # keeps BN decayed if fastai's own SGD, which does read the flag, is ever swapped in.
                          wd_bn_bias=True,
                          moms=(mom, mom, mom), path=path, model_dir='.', cbs=cbs)
     rec = learn.recorder
@@ -114,7 +115,7 @@ class HostLosses(Callback):
 
 
 class LeanProgress(ProgressCallback):
-    "fastai's progress bars, showing the smoothed loss as the divergence check last read it: fastai reads it every batch."
+    "fastai's progress bars, with the smoothed loss as the divergence check last read it: fastai reads it every batch."
     @property
     def name(self): return 'progress'  # where fastai's own bar is found: `learn.progress`
 

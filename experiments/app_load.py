@@ -98,7 +98,8 @@ def rss_mb(pid):
 def summary(seconds):
     "p50, p95 and max of a list of latencies in seconds, in ms."
     ms = np.array(seconds) * 1000
-    return {'n': len(ms), 'p50_ms': round(float(np.percentile(ms, 50)), 1), 'p95_ms': round(float(np.percentile(ms, 95)), 1),
+    return {'n': len(ms), 'p50_ms': round(float(np.percentile(ms, 50)), 1),
+            'p95_ms': round(float(np.percentile(ms, 95)), 1),
             'max_ms': round(float(ms.max()), 1)} if len(ms) else {'n': 0}
 
 
@@ -145,11 +146,13 @@ def load_test(run, clients=8, requests=25, gallery=5, gallery_n=10, rounds=1, ar
         for _ in range(requests):
             t = time.perf_counter(); classify(api, *one); alone.append(time.perf_counter() - t)
         out['classify_alone'] = summary(alone)
-        say(f'one client, one image with Grad-CAM, {requests} requests in a row: p50 {out["classify_alone"]["p50_ms"]} ms, '
+        say(f'one client, one image with Grad-CAM, {requests} requests in a row: '
+            f'p50 {out["classify_alone"]["p50_ms"]} ms, '
             f'p95 {out["classify_alone"]["p95_ms"]} ms (upload, answer and picture fetched)')
         refs = [classify(api, *job) for job in jobs]  # each request alone: what the loaded server must answer
         out['rss_before_load_mb'] = rss()
-        say(f'server memory: {out["rss_start_mb"]} MB when it first answered, {out["rss_before_load_mb"]} MB before the load')
+        say(f'server memory: {out["rss_start_mb"]} MB when it first answered, '
+            f'{out["rss_before_load_mb"]} MB before the load')
         out['classify_load'], out['rss_after_classify_mb'] = [], []
         for r in range(rounds):  # the first round also warms the server's threads: its memory is the cold start's
             out['classify_load'].append(hammer(server.url, jobs, requests, classify, refs))
@@ -157,7 +160,8 @@ def load_test(run, clients=8, requests=25, gallery=5, gallery_n=10, rounds=1, ar
             c = out['classify_load'][-1]
             say(f'{clients} clients × {requests} classify requests at once{f" (round {r + 1})" if rounds > 1 else ""}: '
                 f'p50 {c["p50_ms"]} ms, p95 {c["p95_ms"]} ms, {c["per_s"]} requests/s, {c["errors"]} errors, '
-                f'{c["different_from_alone"]} answers different from alone; server memory {out["rss_after_classify_mb"][-1]} MB')
+                f'{c["different_from_alone"]} answers different from alone; '
+                f'server memory {out["rss_after_classify_mb"][-1]} MB')
         if gallery:
             t = time.perf_counter()
             mistakes(api, gallery_n, 'layer3')  # the first reads the test set and runs one pass over it
@@ -196,7 +200,8 @@ def main(run: str = 'results/cpu-bf16-seed0',  # run folder to serve
     "Serve `run` with app.py on 127.0.0.1 and load it with concurrent clients over HTTP; print and save the numbers."
     import torch
     from precision import device_name
-    for flag, v, least in (('clients', clients, 1), ('requests', requests, 1), ('gallery', gallery, 0), ('rounds', rounds, 1)):
+    for flag, v, least in (('clients', clients, 1), ('requests', requests, 1), ('gallery', gallery, 0),
+                           ('rounds', rounds, 1)):
         if v < least: raise SystemExit(f'app_load.py: error: --{flag} must be at least {least}, got {v}')
     say = lambda s: print(s, flush=True)
     say(f'$ python experiments/app_load.py {" ".join(sys.argv[1:])}')

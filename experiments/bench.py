@@ -1,4 +1,4 @@
-"""One command, one device: this suite's run over several seeds, against a stock fastai pipeline and a plain PyTorch loop."""
+"""One command, one device: this suite over several seeds, against a stock fastai pipeline and a plain PyTorch loop."""
 import json, os, re, shutil, statistics, subprocess, sys, time
 from pathlib import Path
 
@@ -122,7 +122,7 @@ def plain_pytorch(data, epochs, bs, lr_min, lr_max, device, log, workers=None):
 
 
 def extrapolate(times, epochs):
-    "A baseline's time for `epochs` from the epochs it ran: the first (the warm-up) as measured, each later one at the mean of those after it."
+    "A baseline's time for `epochs` from those it ran: the first (warm-up) as measured, later ones at the others' mean."
     steady = statistics.mean(times[1:]) if len(times) > 1 else times[0]
     return dict(epochs_run=len(times), epoch_seconds=[round(t, 3) for t in times], seconds_per_epoch=steady,
                 warmup_seconds=times[0] - steady if len(times) > 1 else None, seconds=times[0] + steady * (epochs - 1))
@@ -181,7 +181,8 @@ def update_readme(readme, table):
 def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, else download)
          seeds: int = 5,               # suite runs, with seeds 0..N-1
          epochs: int = 24,             # epochs of every run
-         baseline_epochs: int = None,  # epochs the baselines really run (default: all; at least 2), the rest extrapolated
+         # epochs the baselines really run (default: all; at least 2), the rest extrapolated
+         baseline_epochs: int = None,
          no_baselines: store_true = False,  # the suite runs alone, without the stock fastai and plain PyTorch ones
          bs: int = 512,                # batch size of every run
          subset: int = None,           # class-balanced training subset, for a quick CPU check of the command
@@ -199,8 +200,9 @@ def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, el
             raise UsageError(f'--baseline-epochs must be at least 2, got {baseline_epochs}: the first is the warm-up')
         data, out = resolve_path(data), Path(out)
         if release := find_release(data):  # checked first: the suite runs would take minutes before the baselines fail
-            raise UsageError(f'--data {data} is the CIFAR-10 {release[0]} release, and the stock fastai and torchvision '
-                             'baselines read an image folder; point --data at one with train/<class>/ and test/<class>/')
+            raise UsageError(f'--data {data} is the CIFAR-10 {release[0]} release, and the stock fastai and '
+                             'torchvision baselines read an image folder; point --data at one with train/<class>/ '
+                             'and test/<class>/')
         out.mkdir(parents=True, exist_ok=True)
         dev = torch_device(device)
         name = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else f'CPU ({os.cpu_count()} cores)'
@@ -219,7 +221,8 @@ def main(data: str = None,             # CIFAR folder (default: $CIFAR10_DIR, el
             set_seed(0)
             use_cudnn(deterministic=False)
             with open(out / f'{key}.log', 'w') as log:
-                print(f'{key}: {b_epochs} epoch(s) of {epochs} at LRMIN {lr_min:.3g}, LRMAX {lr_max:.3g}', file=log, flush=True)
+                print(f'{key}: {b_epochs} epoch(s) of {epochs} at LRMIN {lr_min:.3g}, LRMAX {lr_max:.3g}', file=log,
+                      flush=True)
                 times, acc = fn(base_data, b_epochs, bs, lr_min, lr_max, dev, log)
             baselines[key] = dict(extrapolate(times, epochs), test_acc_after_epochs_run=acc)
         summary = summarize(name, runs, baselines, epochs)

@@ -1,4 +1,4 @@
-"""The CPU speed table: training images/s for plain PyTorch loops and for this suite, and the 24-epoch time each projects."""
+"""The CPU speed table: training images/s of plain PyTorch loops and this suite, and the 24-epoch times they project."""
 import json, shutil, sys, tempfile, time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,10 +34,11 @@ def timed(step, n, warmup):
 # ---- 1. plain PyTorch: the model alone, on one random batch, no data pipeline and no fastai -------------------------
 
 def plain_loop(bf16, channels_last, bs, steps, warmup, compiled=False):
-    "(seconds a training step, seconds a forward-only test batch) of a bare PyTorch loop: SGD, Nesterov, as the suite's."
+    "(seconds a train step, seconds a forward-only test batch) of a bare PyTorch loop: SGD, Nesterov, as the suite's."
     torch.manual_seed(0)
     model, x, y = custom_resnet(), torch.randn(bs, 3, 32, 32), torch.randint(0, 10, (bs,))
-    if channels_last: model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     net = torch.compile(model) if compiled else model
     cast = lambda: torch.autocast('cpu', dtype=torch.bfloat16, enabled=bf16)
@@ -114,7 +115,8 @@ def conv_rates(bs, bf16, reps=3):
         fwd = timed(lambda: F.conv2d(x, w, padding=1), reps, 1)
         grads = lambda mask: torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0],
                                                                  1, mask)
-        bwd_x, bwd_w = timed(lambda: grads([True, False, False]), reps, 1), timed(lambda: grads([False, True, False]), reps, 1)
+        bwd_x, bwd_w = (timed(lambda: grads([True, False, False]), reps, 1),
+                        timed(lambda: grads([False, True, False]), reps, 1))
         rows.append(dict(conv=f'{c_in}->{c_out} at {size}x{size}', gflop=flop / 1e9,
                          **{k: flop / s / 1e9 for k, s in (('fwd', fwd), ('bwd_input', bwd_x), ('bwd_weight', bwd_w))}))
     return rows
@@ -147,15 +149,18 @@ def main(data: str = None,        # CIFAR folder with train/ and test/ (default:
          steps: int = 5,          # timed training steps per row
          warmup: int = 2,         # steps before them, not timed (oneDNN builds its kernels in the first)
          compile: store_true = False,  # add a row for the plain bf16 loop under torch.compile (needs a C compiler)
-         profile_ops: store_true = False,  # also print the top operations of the suite's default and each conv's GFLOP/s
+         # also print the top operations of the suite's default and each conv's GFLOP/s
+         profile_ops: store_true = False,
          out: str = None,         # also write the numbers as JSON here
          ):
     "Training images/s at batch `bs` on this CPU: plain PyTorch fp32 and bf16 loops, the suite in fp32 and its default."
     with user_errors('cpu_bench.py'):
-        if steps < 1 or warmup < 1: raise UsageError(f'--steps and --warmup must be at least 1, got {steps} and {warmup}')
+        if steps < 1 or warmup < 1:
+            raise UsageError(f'--steps and --warmup must be at least 1, got {steps} and {warmup}')
         if compile and not (shutil.which('cc') or shutil.which('gcc')):
             raise UsageError('--compile needs a C compiler (torch.compile builds its kernels with one): install gcc')
-        cifar_dls(data, bs=bs, subset=bs * (warmup + steps), device='cpu', verbose=False)  # a bad --data fails now, not later
+        # a bad --data fails now, not later
+        cifar_dls(data, bs=bs, subset=bs * (warmup + steps), device='cpu', verbose=False)
         precision, _, why = auto_precision('cpu')
         print(f'{device_name("cpu")}; {torch.get_num_threads()} torch threads; torch {torch.__version__}; '
               f'auto precision: {precision} ({why})', flush=True)
@@ -190,7 +195,8 @@ def main(data: str = None,        # CIFAR folder with train/ and test/ (default:
                   f'(a {"bf16" if bf16 else "fp32"} 4096x4096 matrix multiply here: {peak:.0f} GFLOP/s):')
             print(f'{"conv":22} {"GFLOP a pass":>12} {"forward":>8} {"grad input":>10} {"grad weight":>11}')
             for c in convs:
-                print(f'{c["conv"]:22} {c["gflop"]:12.1f} {c["fwd"]:8.0f} {c["bwd_input"]:10.0f} {c["bwd_weight"]:11.0f}')
+                print(f'{c["conv"]:22} {c["gflop"]:12.1f} {c["fwd"]:8.0f} {c["bwd_input"]:10.0f} '
+                      f'{c["bwd_weight"]:11.0f}')
             result.update(convs=convs, matmul_gflop_s=peak)
         if out:
             Path(out).parent.mkdir(parents=True, exist_ok=True)

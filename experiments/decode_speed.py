@@ -2,7 +2,8 @@
 import os, sys, tempfile, time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout is the suite: its modules first, from any folder
+# the checkout is the suite: its modules first, from any folder
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cli import quiet_warnings  # noqa: E402
 quiet_warnings()  # before fastai's import (below), which warns while it is imported
 from fastcore.script import call_parse

@@ -18,8 +18,9 @@ PRECISIONS = ('native', 'fp32', 'bf16')
 
 
 def evaluate_folder(run=None, data=None, device='cpu', precision='native', dry_run=False):
-    "Evaluate a run's model.pth on all its test images; record the numbers in config.json, calibration.png and report.md."
-    if precision not in PRECISIONS: raise UsageError(f'--precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
+    "Evaluate a run's model.pth on all its test images; put the numbers in config.json, calibration.png and report.md."
+    if precision not in PRECISIONS:
+        raise UsageError(f'--precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
     run = find_run(run)  # cams.py's: one line for a missing folder, config.json or model.pth
     dev = torch_device(device)
     t = time.perf_counter()
@@ -31,7 +32,8 @@ def evaluate_folder(run=None, data=None, device='cpu', precision='native', dry_r
         save_json(run / 'config.json', config)  # atomic: a kill mid-write leaves the run's own
         plot_reliability(ev.probs, ev.targs, run / 'calibration.png')
         put_section(run / 'report.md', evaluation_section(m))
-    print(f'evaluate.py: {run}: test accuracy {100 * m["test_acc"]:.2f}%, {100 * m["test_acc_tta"]:.2f}% with mirror TTA; '
+    print(f'evaluate.py: {run}: test accuracy {100 * m["test_acc"]:.2f}%, '
+          f'{100 * m["test_acc_tta"]:.2f}% with mirror TTA; '
           f'ECE {100 * m["ece"]:.2f}%, NLL {m["nll"]:.4f}; {m["n_images"]:,} images in {m["precision"]} on '
           f'{m["device_name"]}, {m["seconds"]:.1f} s', flush=True)
     return m
@@ -45,6 +47,6 @@ def main(run: str = None,            # run folder (default: the newest under run
          precision: str = 'native',  # native (the run's own where this machine runs it natively, else fp32), fp32, bf16
          dry_run: store_true = False,  # print the numbers only: write nothing in the run folder
          ):
-    "Measure a finished run's test accuracy with and without mirror TTA, its ECE and NLL, and draw its reliability diagram."
+    "Measure a finished run's test accuracy with and without mirror TTA, its ECE and NLL; draw its reliability diagram."
     with user_errors('evaluate.py'):
         evaluate_folder(run, data, device, precision, dry_run)

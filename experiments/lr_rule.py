@@ -41,11 +41,14 @@ def main(curves: str = str(ROOT / 'tests' / 'data' / 'lr_find-curves-h100.json')
             rows.append(dict(curve=label, lr_min=found.lr_min, lr_max=found.lr_max, rule=found.rule,
                              suggestions=s, rule_seconds=secs))
             lines.append(f"| {label} | {s['minimum']:.3g} | {s['steep']:.3g} | {s['valley']:.3g} | {s['slide']:.3g} | "
-                         f"**{found.lr_min:.3g}** | **{found.lr_max:.3g}** | {found.lr_max / found.lr_min:.0f} | {found.rule} |")
-            plot_lr_find(found, out / f"lr_find-{label.replace(' ', '')}.png", title=f'lr_find on {device or curves}, {label}')
+                         f"**{found.lr_min:.3g}** | **{found.lr_max:.3g}** | {found.lr_max / found.lr_min:.0f} | "
+                         f"{found.rule} |")
+            plot_lr_find(found, out / f"lr_find-{label.replace(' ', '')}.png",
+                         title=f'lr_find on {device or curves}, {label}')
         (out / 'rule.json').write_text(json.dumps(dict(curves=str(curves), device=device, runs=rows), indent=2) + '\n')
         table = '\n'.join(lines)
         (out / 'README.md').write_text(f'# The LR rule on {device or curves}\n\n`python experiments/lr_rule.py '
                                        f'{" ".join(sys.argv[1:])}`\n\n{table}\n')
         print(table)
-        print(f'the rule took at most {1e3 * max(r["rule_seconds"] for r in rows):.1f} ms a curve (fastai\'s four included)')
+        print(f'the rule took at most {1e3 * max(r["rule_seconds"] for r in rows):.1f} ms a curve '
+              '(fastai\'s four included)')

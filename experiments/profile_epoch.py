@@ -72,7 +72,7 @@ def busy_us(intervals):
 
 
 def device_busy(events):
-    "Device busy time (µs) in each marked phase and in all: kernels, copies and sets, from the profiler's device events."
+    "Device busy time (µs) in each marked phase and in all (kernels, copies, sets), from the profiler's device events."
     dev = [(e.time_range.start, e.time_range.end) for e in events
            if e.device_type != DeviceType.CPU and not getattr(e, 'is_user_annotation', False)]
     if not dev: return None  # a CPU profile: no device timeline
@@ -122,8 +122,8 @@ def report(s):
         lines.append(f"  {label:16} epoch wall {ph['epoch_wall_s']:.2f} s")
     train = s['profiled']['phases']['train']
     if train['device_ms'] is not None:
-        lines.append(f"training: the device was busy {100 * train['device_ms'] / train['wall_ms']:.0f}% of the wall time "
-                     '(near 100%: the GPU sets the pace; far below: the host, Python and fastai, does)')
+        lines.append(f"training: the device was busy {100 * train['device_ms'] / train['wall_ms']:.0f}% of the "
+                     'wall time (near 100%: the GPU sets the pace; far below: the host, Python and fastai, does)')
     return '\n'.join(lines)
 
 
@@ -161,7 +161,7 @@ def main(data: str = None,         # CIFAR folder with train/ and test/ (default
          top: int = 20,            # operations in the table
          seed: int = 0,            # random seed
          out: str = 'results/gpu/profile'):  # folder for profile.txt and profile.json
-    "Train a warm-up segment, time one epoch, then profile one epoch: host against device time per batch, and the top ops."
+    "Train a warm-up segment, time one epoch, then profile one: host against device time per batch, and the top ops."
     with user_errors('profile_epoch.py'):
         if bs < 1 or top < 1: raise UsageError('--bs and --top must be at least 1')
         if not 0 < warmup <= 1: raise UsageError(f'--warmup is a fraction of an epoch in (0, 1], got {warmup}')

@@ -20,7 +20,8 @@ def redraw(run=None, n=256, data=None, device=None):
     if n < 1: raise UsageError(f'--n must be at least 1, got {n}')
     run = find_run(run)  # cams.py's: one line for a missing folder, config.json or model.pth
     config = json.loads((run / 'config.json').read_text())
-    if config.get('seed') is None: raise UsageError(f'{run}/config.json records no seed, which draws the untrained network')
+    if config.get('seed') is None:
+        raise UsageError(f'{run}/config.json records no seed, which draws the untrained network')
     # The run's own test images (its subset too), in the test pipeline's order, on `device`.
     dls = cifar_dls(data or config.get('data'), bs=config.get('bs', 512), subset=config.get('subset'), device=device,
                     verbose=False)

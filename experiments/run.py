@@ -51,7 +51,8 @@ class Settings:
         "Reject impossible settings before anything is created."
         if self.epochs < 1: raise UsageError(f'--epochs must be at least 1, got {self.epochs}')
         if self.bs < 1: raise UsageError(f'--bs must be at least 1, got {self.bs}')
-        if self.subset is not None and self.subset < 1: raise UsageError(f'--subset must be positive, got {self.subset}')
+        if self.subset is not None and self.subset < 1:
+            raise UsageError(f'--subset must be positive, got {self.subset}')
         if self.find_iters < 6: raise UsageError(f'--find-iters must be at least 6, got {self.find_iters}')
         if self.precision not in PRECISIONS:
             raise UsageError(f'--precision must be one of {", ".join(PRECISIONS)}, got {self.precision!r}')
@@ -63,7 +64,8 @@ class Settings:
             raise UsageError(f'--lr-min ({self.lr_min}) must be below --lr-max ({self.lr_max})')
         if self.tensorboard:
             try: import tensorboard_log  # noqa: F401
-            except ImportError: raise UsageError("--tensorboard needs TensorBoard: pip install -e '.[tensorboard]'") from None
+            except ImportError:
+                raise UsageError("--tensorboard needs TensorBoard: pip install -e '.[tensorboard]'") from None
         return self
 
     @classmethod
@@ -74,7 +76,8 @@ class Settings:
 
 def pick_device(device):
     "The torch device to train on, or a usage error that says why it can't be used."
-    if device is None and num_distrib() > 1 and torch.cuda.is_available():  # one GPU per process, as torchrun numbers them
+    # one GPU per process, as torchrun numbers them
+    if device is None and num_distrib() > 1 and torch.cuda.is_available():
         rank, gpus = int(os.environ.get('LOCAL_RANK', 0)), torch.cuda.device_count()
         if rank >= gpus: raise UsageError(f'process {rank} has no GPU of its own ({gpus} GPU(s) here); start at most '
                                           f'{gpus} process(es) per machine, or pass --device cpu')
@@ -87,11 +90,12 @@ def resolve_precision(s, dev):
     "`Settings` s with --precision auto made concrete for `dev` (what --resume then reads back), and how it was chosen."
     precision, channels_last, why = concrete_precision(s.precision, s.channels_last, dev)
     s = replace(s, precision=precision, channels_last=channels_last)
-    return s, f'{"bf16 autocast" if precision == "bf16" else precision}{" + channels-last" if channels_last else ""} ({why})'
+    return s, (f'{"bf16 autocast" if precision == "bf16" else precision}{" + channels-last" if channels_last else ""} '
+               f'({why})')
 
 
 def check_out(out):
-    "The run folder to create (default runs/<timestamp>), checked before any work: an existing run is never overwritten."
+    "The run folder to create (default runs/<timestamp>), checked before any work: an existing run is not overwritten."
     out = Path(out) if out else ROOT / 'runs' / datetime.now().strftime('%Y%m%d-%H%M%S')
     if out.exists() and not out.is_dir(): raise UsageError(f'--out {out} is a file, not a folder')
     if out.is_dir() and any(out.iterdir()): raise UsageError(f'--out {out} is not empty; choose a new folder')
@@ -103,8 +107,10 @@ def check_out(out):
 def git_commit():
     "The checkout's commit, with '-dirty' when it has uncommitted changes; None outside git."
     try:
-        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=ROOT, capture_output=True,
+                               text=True).stdout.strip()
         return head + ('-dirty' if dirty else '')
     except (OSError, subprocess.CalledProcessError): return None
 
@@ -125,15 +131,17 @@ def run(s):
     # --bs is the global batch: each of `world` processes takes its share of every batch.
     with on_interrupt(lambda: 'interrupted while loading the data; nothing was saved'):
         dls = cifar_dls(s.data, bs=s.bs // world, subset=s.subset, device=dev, seed=s.seed, verbose=main)
-    config = dict(asdict(s), precision_choice=precision, out=str(out), classes=list(dls.vocab), device=str(dev), processes=world,
-                  device_name=device_name(dev),
+    config = dict(asdict(s), precision_choice=precision, out=str(out), classes=list(dls.vocab), device=str(dev),
+                  processes=world, device_name=device_name(dev),
                   versions=dict(python=platform.python_version(), torch=torch.__version__, fastai=fastai.__version__,
                                 fastcore=fastcore.__version__),
                   torch_threads=torch.get_num_threads(), git_commit=git_commit(), command=' '.join(sys.argv),
                   started=datetime.now().isoformat(timespec='seconds'),
-                  n_train=len(dls.train_ds), n_test=len(dls.valid_ds), seconds=dict(data=round(time.perf_counter() - t, 2)))
+                  n_train=len(dls.train_ds), n_test=len(dls.valid_ds),
+                  seconds=dict(data=round(time.perf_counter() - t, 2)))
     learn = make_learner(dls, out, s)
-    config['logit_scale'] = learn.loss_func.scale  # what the loss multiplies the logits by: predict.py's probabilities use it
+    # what the loss multiplies the logits by: predict.py's probabilities use it
+    config['logit_scale'] = learn.loss_func.scale
     if main:
         made = not out.exists()
         out.mkdir(parents=True, exist_ok=True)  # only now: a bad --data leaves nothing behind
@@ -168,7 +176,8 @@ def how_to_continue(out, epochs):
     done = saved_epoch(ck)
     if done == epochs: kept = f'interrupted while writing the figures; all {epochs} epochs are saved in {ck}'
     elif done: kept = f'interrupted during epoch {done + 1} of {epochs}; epochs 1-{done} are saved in {ck}'
-    else: kept = f'interrupted during epoch 1 of {epochs}, before any epoch was saved; the LRs are in {out / "lr_find.json"}'
+    else: kept = (f'interrupted during epoch 1 of {epochs}, before any epoch was saved; '
+                  f'the LRs are in {out / "lr_find.json"}')
     return f'{kept}; continue with: python experiments/run.py --resume {_shown(out)}'
 
 
@@ -179,17 +188,19 @@ def _shown(path):
 
 
 def resume_run(folder, device=None):
-    "Continue a killed run from its last finished epoch, with its own flags, seed and LRs (no new lr_find), on `device` or its own."
+    "Continue a killed run from its last saved epoch: same flags, seed and LRs (no new lr_find) on `device` or its own."
     folder = Path(folder)
     if not folder.is_dir(): raise UsageError(f'--resume {folder}: no such run folder')
     if not (folder / 'config.json').exists(): raise UsageError(f'--resume {folder}: not a run folder (no config.json)')
     if (folder / 'model.pth').exists(): raise UsageError(f'--resume {folder}: that run has already finished')
     if not (folder / 'checkpoint.pth').exists() and not (folder / 'lr_find.json').exists():
-        raise UsageError(f'--resume {folder}: the run stopped before its LRs were chosen, so there is nothing to resume; start it again')
+        raise UsageError(f'--resume {folder}: the run stopped before its LRs were chosen, '
+                         'so there is nothing to resume; start it again')
     t_start, world, main = time.perf_counter(), max(num_distrib(), 1), rank_distrib() == 0
     config = json.loads((folder / 'config.json').read_text())
     if world != config.get('processes', 1):
-        raise UsageError(f'--resume {folder}: the run used {config.get("processes", 1)} process(es); resume it with as many')
+        raise UsageError(f'--resume {folder}: the run used {config.get("processes", 1)} process(es); '
+                         'resume it with as many')
     lr, s = json.loads((folder / 'lr_find.json').read_text()), Settings.of_run(config)
     if device is None and world == 1 and config['device'].startswith('cuda') and not torch.cuda.is_available():
         raise UsageError(f'--resume {folder}: the run trained on {config["device"]}, and this machine has no CUDA GPU; '
@@ -222,7 +233,7 @@ def make_learner(dls, out, s, model=None):
 
 
 def choose_lrs(learn, s, config, out, main=True):
-    "LRMIN and LRMAX: the finder's, or the settings' when both are given; the `main` process saves lr_find.json (and .png)."
+    "LRMIN, LRMAX: the finder's, or the settings' if both are given; the `main` process saves lr_find.json (and .png)."
     if s.lr_max is not None:
         lr = dict(suggestions=None, lr_min=s.lr_min, lr_max=s.lr_max, rule='given on the command line')
     else:
@@ -284,14 +295,16 @@ def finish(learn, config, lr, out, t_start):
     torch.save({k: v.cpu() for k, v in learn.model.state_dict().items()}, out / 'model.pth')
     (out / 'checkpoint.pth').unlink(missing_ok=True)  # model.pth holds the weights now
     last, m = read_csv(out / 'metrics.csv')[-1], config['test_metrics']
-    print(f'test accuracy {100 * last["test_acc"]:.2f}% after {config["epochs"]} epochs ({100 * m["test_acc_tta"]:.2f}% with '
-          f'mirror TTA; calibration error {100 * m["ece"]:.2f}%); run folder {out}')
+    print(f'test accuracy {100 * last["test_acc"]:.2f}% after {config["epochs"]} epochs '
+          f'({100 * m["test_acc_tta"]:.2f}% with mirror TTA; calibration error {100 * m["ece"]:.2f}%); '
+          f'run folder {out}')
     return out
 
 
 def explain(learn, config, lr, out):
     "The schedule, the curves, the misclassified gallery and the confusion matrix; returns the most-confused pairs."
-    plot_schedule(read_csv(out / 'schedule.csv'), out / 'schedule.png', lr['lr_min'], lr['lr_max'], PEAK * config['epochs'])
+    plot_schedule(read_csv(out / 'schedule.csv'), out / 'schedule.png', lr['lr_min'], lr['lr_max'],
+                  PEAK * config['epochs'])
     plot_curves(read_csv(out / 'metrics.csv'), out / 'curves.png')
     interp = interpret(learn)
     plot_misclassified(interp, out / 'misclassified.png')
@@ -320,11 +333,14 @@ def main(epochs: int = 24,       # training epochs; the LR peaks after 5/24 of t
          lr_max: float = None,   # LRMAX, the schedule's peak
          device: str = None,     # torch device, e.g. cuda, cuda:1, cpu (default: the GPU if there is one)
          find_iters: int = 100,  # lr_find's mock-training steps
-         precision: str = 'auto',  # auto (bf16 + channels-last on bf16 GPUs and AMX / AVX-512 BF16 CPUs, else fp32), fp32, bf16
+         # auto (bf16 + channels-last on bf16 GPUs and AMX / AVX-512 BF16 CPUs, else fp32), fp32, bf16
+         precision: str = 'auto',
          channels_last: store_true = False,  # channels-last memory layout (faster convolutions; auto adds it with bf16)
          deterministic: store_true = False,  # repeatable GPU runs: fixed cuDNN algorithms, no benchmark search
-         tensorboard: store_true = False,  # also log to runs/<stamp>/tensorboard: watch with `tensorboard --logdir runs`
-         resume: str = None,     # a killed run's folder: continue it from its last finished epoch (with --device: there)
+         # also log to runs/<stamp>/tensorboard: watch with `tensorboard --logdir runs`
+         tensorboard: store_true = False,
+         # a killed run's folder: continue it from its last finished epoch (with --device: there)
+         resume: str = None,
          ):
     "Train the custom ResNet on CIFAR-10 with lr_find and the assignment's one-cycle, and explain it in a run folder."
     with user_errors('run.py'):

@@ -1,4 +1,4 @@
-"""experiments/run.py under torchrun with rank 1's finder answering twice as high: shows whether rank 0's LRs reach every process.
+"""experiments/run.py under torchrun with rank 1's finder twice as high: shows whether rank 0's LRs reach every process.
 
 Not a test itself: tests/test_distributed.py launches it. Each process also writes, to $LR_LOG/rank<N>.json, the batch
 size its finder saw and the LRs and batch size it trained with.

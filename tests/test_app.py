@@ -1,4 +1,4 @@
-"""app.py in a real browser (headless Chromium through Playwright), its one-line errors, and that it imports without gradio."""
+"""app.py in a real browser (headless Chromium via Playwright), its one-line errors, that it imports without gradio."""
 import importlib.util, json, os, shutil, subprocess, sys
 from pathlib import Path
 
@@ -39,7 +39,7 @@ def served(tiny_run, browser_ready, tmp_path_factory):
 
 
 def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
-    "Upload an image and read its label, see its Grad-CAM change with the layer, survive a broken file and a too big one, see the mistakes."
+    "Upload an image, read its label and its Grad-CAM per layer, survive a broken and a too big file, see the mistakes."
     from interpret import interpret
     from run_folder import load_run
     from data import scan_folder
@@ -81,7 +81,8 @@ def test_in_the_browser(served, browser_ready, tiny_run, tmp_path):
                                '?.textContent.trim() === w', arg=want, timeout=60_000)
 
         page.get_by_role('button', name='03_c2.png').click()  # an example: the first test image of class c2
-        page.wait_for_function('() => document.querySelector("#cams")?.textContent.includes("03_c2.png")', timeout=60_000)
+        page.wait_for_function('() => document.querySelector("#cams")?.textContent.includes("03_c2.png")',
+                               timeout=60_000)
         third = scan_folder(tiny_run.parent / 'data')[1]['test'][0][4]  # test images sorted by class: c2's first
         assert page.inner_text('#prediction [data-testid=label-output-value]').strip() == \
             predict(model, third, classes, k=1)[0].label

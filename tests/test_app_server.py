@@ -79,12 +79,14 @@ def test_each_limit_and_broken_file_has_its_message(server, tmp_path, model):
     # What the page's widgets can't send, a program can: each refused (by Gradio's own checks), with its reason.
     for k, layer, target, opacity, why in [(0, 'layer3', PREDICTED, 0.5, 'Value 0 is less than minimum value 1'),
                                            (99, 'layer3', PREDICTED, 0.5, 'Value 99 is greater than maximum value 10'),
-                                           (3, 'layer9', PREDICTED, 0.5, "'layer9' (type: <class 'str'>) is not in the list"),
+                                           (3, 'layer9', PREDICTED, 0.5,
+                                            "'layer9' (type: <class 'str'>) is not in the list"),
                                            (3, 'layer3', 'unicorn', 0.5, 'unicorn is not in the list of choices'),
                                            (3, 'layer3', PREDICTED, 7, 'Value 7 is greater than maximum value 1')]:
         with pytest.raises(AppError) as e: api.call('classify', [api.upload(good)], k, layer, target, opacity)
         assert why in str(e.value), str(e.value)
-    with pytest.raises(AppError, match='Value 500 is greater than maximum value 50'): api.call('mistakes', 500, 'layer3', 0.5)
+    with pytest.raises(AppError, match='Value 500 is greater than maximum value 50'):
+        api.call('mistakes', 500, 'layer3', 0.5)
     labels, _ = classify(api, good, 'layer3', PREDICTED)  # and it still serves
     assert same(labels, expect(model, good))
     # The server's log: a line for each request the app refused, not a traceback through app.py (Gradio's own
@@ -139,7 +141,8 @@ def test_it_starts_and_classifies_without_the_data_set(tiny_run, tmp_path, monke
         api = Api(s.url)
         example = sorted((run / 'examples').glob('*.png'))[0]
         assert same(classify(api, example, 'layer2', PREDICTED)[0], expect(model, example))
-        with pytest.raises(AppError, match='the misclassified test images need the test set'): mistakes(api, 5, 'layer3')
+        with pytest.raises(AppError, match='the misclassified test images need the test set'):
+            mistakes(api, 5, 'layer3')
         assert same(classify(api, example, 'layer2', PREDICTED)[0], expect(model, example))
 
 
@@ -160,7 +163,7 @@ def test_an_impossible_limit_is_one_line(capsys, tiny_run, flag):
 
 
 def test_a_picture_sent_to_two_requests_at_once_is_never_half_written(tmp_path):
-    "The same picture saved by several requests while a client reads it: every read is the whole file (app.atomic_image_cache)."
+    "One picture saved by several requests as a client reads it: every read is the whole file (app.atomic_image_cache)."
     need_app()
     import threading
     from gradio import processing_utils as pu

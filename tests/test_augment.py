@@ -1,4 +1,4 @@
-"""The batch augmentations are per image: crops, flips and Cutout squares vary across a batch; validation is untouched."""
+"""Batch augmentations are per image: crops, flips and Cutout squares vary across a batch; validation is untouched."""
 import torch
 import torch.nn.functional as F
 import pytest

@@ -23,7 +23,8 @@ def test_bench_on_a_tiny_folder(tiny, tmp_path):
         # each epoch's time as the baseline's log wrote it; the first is the warm-up, timed apart from the steady pace
         epochs = [float(t) for t in re.findall(r'^epoch \d+ seconds ([\d.]+)', (out / f'{name}.log').read_text(), re.M)]
         assert b['epochs_run'] == len(epochs) == 2 and b['epoch_seconds'] == epochs
-        assert abs(b['seconds'] - (epochs[0] + 2 * epochs[1])) < 0.01  # 3 epochs: the first as run, two at the second's pace
+        # 3 epochs: the first as run, two at the second's pace
+        assert abs(b['seconds'] - (epochs[0] + 2 * epochs[1])) < 0.01
         assert abs(b['warmup_seconds'] - (epochs[0] - epochs[1])) < 0.01
         assert abs(s[f'speedup_vs_{name}'] - b['seconds'] / statistics.median(suite)) < 1e-3 * s[f'speedup_vs_{name}']
     assert all((out / f'suite-seed{i}.log').exists() for i in range(2))

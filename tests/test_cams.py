@@ -1,4 +1,4 @@
-"""Grad-CAM is provably right (a network solved by hand, a textbook implementation), clean, and cams.py works end to end."""
+"""Grad-CAM is provably right (a network solved by hand, a textbook implementation), clean; cams.py works end to end."""
 import copy
 
 import pytest
@@ -136,7 +136,8 @@ def test_cams_end_to_end(tiny_run, tmp_path):
     r = run_script('cams.py', '--n', 3, '--run', tiny_run, '--out', out, '--compare-layers')
     assert r.returncode == 0, r.stderr
     names = sorted(p.name for p in out.iterdir())
-    assert names == ['gradcam.png', 'gradcam_01.png', 'gradcam_02.png', 'gradcam_03.png', 'gradcam_layers.png', 'report.md']
+    assert names == ['gradcam.png', 'gradcam_01.png', 'gradcam_02.png', 'gradcam_03.png', 'gradcam_layers.png',
+                     'report.md']
     report = (out / 'report.md').read_text()
     assert '![gradcam](gradcam.png)' in report and '(gradcam_03.png)' in report
     r = run_script('cams.py', '--n', 2, '--run', tiny_run, '--out', out)  # again: the section is replaced

@@ -4,7 +4,8 @@ import os, subprocess, sys
 from conftest import ROOT
 
 # A test of each kind: the `cifar10` fixture (real-data runs, notebook, distributed, loader speed) and the assignment.
-NEEDS_SHARED = ['tests/test_data.py::test_subset_of_real_cifar', 'tests/test_arch.py::test_expected_table_is_the_one_in_the_assignment']
+NEEDS_SHARED = ['tests/test_data.py::test_subset_of_real_cifar',
+                'tests/test_arch.py::test_expected_table_is_the_one_in_the_assignment']
 
 
 def pytest_without_shared(ci, tmp_path):

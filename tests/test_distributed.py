@@ -25,7 +25,7 @@ def test_torchrun_two_processes_on_cpu(cifar10, tmp_path, monkeypatch):
     for rank in ranks:
         assert rank['finder_bs'] == 20 and rank['bs'] == 10  # the finder at the global batch; training at each share
         assert (rank['lr_min'], rank['lr_max']) == (found['lr_min'], found['lr_max'])  # rank 0's LRs, broadcast
-    r = run_script('experiments/run.py', '--data', cifar10, *FLAGS, '--lr-min', found['lr_min'], '--lr-max', found['lr_max'],
-                   '--out', single)
+    r = run_script('experiments/run.py', '--data', cifar10, *FLAGS, '--lr-min', found['lr_min'],
+                   '--lr-max', found['lr_max'], '--out', single)
     assert r.returncode == 0, r.stderr
     with open(out / 'schedule.csv') as a, open(single / 'schedule.csv') as b: assert list(a) == list(b)

@@ -14,7 +14,8 @@ from report import marked, put_section
 
 def ones_net():
     "Two 3×3 convolutions of ones, 1 channel to 2 to 1, as named blocks a and b: their input gradients are known."
-    net = nn.Sequential(OrderedDict(a=nn.Conv2d(1, 2, 3, padding=1, bias=False), b=nn.Conv2d(2, 1, 3, padding=1, bias=False)))
+    net = nn.Sequential(OrderedDict(a=nn.Conv2d(1, 2, 3, padding=1, bias=False),
+                                    b=nn.Conv2d(2, 1, 3, padding=1, bias=False)))
     with torch.no_grad():
         for p in net.parameters(): p.fill_(1.)
     return net
@@ -59,7 +60,8 @@ def test_redraw_on_a_finished_run(tiny_run, tmp_path):
     assert (run / 'receptive_field.png').exists() and after['n_images'] == 7 and before['n_images'] == 20
     assert [f['rf'] for f in after['blocks'].values()] == [3, 14, 20, 64]
     report = (run / 'report.md').read_text()
-    assert report.count(START) == 1 and 'over 7 test images' in report and '![receptive_field](receptive_field.png)' in report
+    assert report.count(START) == 1 and 'over 7 test images' in report \
+        and '![receptive_field](receptive_field.png)' in report
 
 
 @pytest.mark.parametrize('args,message', [
@@ -68,7 +70,8 @@ def test_redraw_on_a_finished_run(tiny_run, tmp_path):
     (['--device', 'nope'], "--device 'nope' is not a torch device"),
 ])
 def test_bad_flags_are_one_line_errors(tiny_run, capsys, args, message):
-    code, err = run_here(capsys, 'experiments/receptive_field.py', *(['--run', tiny_run] if '--run' not in args else []), *args)
+    code, err = run_here(capsys, 'experiments/receptive_field.py',
+                         *(['--run', tiny_run] if '--run' not in args else []), *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 

@@ -81,7 +81,8 @@ def test_predict_with_tta_is_the_mean_of_the_image_and_its_mirror(tiny_run):
     assert [p.label for p in got][:1] == [classes[int(want.argmax())]]
     # TTA sees an image and its mirror alike; without it the two differ.
     mirror = img[:, ::-1]
-    assert [p.prob for p in predict(model, mirror, classes, k=10, tta=True)] == pytest.approx([p.prob for p in got], abs=1e-6)
+    assert [p.prob for p in predict(model, mirror, classes, k=10, tta=True)] == \
+        pytest.approx([p.prob for p in got], abs=1e-6)
     assert predict(model, mirror, classes, k=10) != predict(model, img, classes, k=10)
 
 
@@ -100,8 +101,10 @@ def test_evaluate_command_records_the_numbers_once(tiny_run, tmp_path, capsys):
     r = run_script('experiments/evaluate.py', '--run', run, '--data', data)
     assert r.returncode == 0, r.stderr
     m = json.loads((run / 'config.json').read_text())['test_metrics']
-    for k in ('test_acc', 'test_acc_tta', 'nll', 'ece', 'n_images'): assert m[k] == pytest.approx(recorded[k], abs=1e-6), k
-    assert m['precision'] == native_precision(recorded['precision'], 'cpu') and m['seconds'] > 0 and 'cores' in m['device_name']
+    for k in ('test_acc', 'test_acc_tta', 'nll', 'ece', 'n_images'):
+        assert m[k] == pytest.approx(recorded[k], abs=1e-6), k
+    assert m['precision'] == native_precision(recorded['precision'], 'cpu') and m['seconds'] > 0 \
+        and 'cores' in m['device_name']
     assert f'{100 * m["test_acc_tta"]:.2f}% with mirror TTA' in r.stdout
     assert Image.open(run / 'calibration.png').size[0] >= 400
     assert run_here(capsys, 'experiments/evaluate.py', '--run', run, '--data', data)[0] in (0, None)

@@ -130,7 +130,8 @@ def test_an_image_folder_with_a_release_inside_stays_an_image_folder(tmp_path):
 def test_a_missing_file_is_named(release):
     folder, kind, _ = release
     (folder / ('data_batch_4' + ('.bin' if kind == 'binary' else ''))).unlink()
-    with pytest.raises(DataError, match=r'lacks data_batch_4(\.bin)? of the CIFAR-10'): load_arrays(folder, verbose=False)
+    with pytest.raises(DataError, match=r'lacks data_batch_4(\.bin)? of the CIFAR-10'):
+        load_arrays(folder, verbose=False)
 
 
 @pytest.mark.parametrize('cut,why', [(100, 'not a whole number of 3,073-byte records'), (3073, 'holds 19 images')])
@@ -205,7 +206,8 @@ def test_binary_labels_out_of_range(tmp_path):
     raw = bytearray(f.read_bytes())
     raw[3073] = 10  # the second record's label byte
     f.write_bytes(raw)
-    with pytest.raises(DataError, match=r'test_batch\.bin has label 10, out of range'): load_arrays(folder, verbose=False)
+    with pytest.raises(DataError, match=r'test_batch\.bin has label 10, out of range'):
+        load_arrays(folder, verbose=False)
 
 
 @pytest.mark.parametrize('names,why', [(META[:9], 'names 9 classes, and CIFAR-10 has 10'),
@@ -221,7 +223,8 @@ def test_a_wrong_meta_file_is_named(release, names, why):
 def test_a_foreign_meta_pickle_is_named(tmp_path):
     folder, _ = write_release(tmp_path, 'pickle')
     py2_pickle({b'names': [b'a']}, folder / 'batches.meta')
-    with pytest.raises(DataError, match=r"batches\.meta is not a CIFAR-10 meta file: expected a dict with b'label_names'"):
+    with pytest.raises(DataError, match=r"batches\.meta is not a CIFAR-10 meta file: "
+                                        r"expected a dict with b'label_names'"):
         load_arrays(folder, verbose=False)
 
 
@@ -233,14 +236,16 @@ def runs(tmp_path_factory):
     root, jobs = tmp_path_factory.mktemp('runs'), {}
     for kind in ('pickle', 'binary'):
         folder, _ = write_release(root / kind, kind, n=10)  # 2 training steps: the fixed costs are what is tested
-        jobs[kind] = folder, ['--epochs', 1, '--bs', 20, '--lr-min', 0.01, '--lr-max', 0.1, '--device', 'cpu', '--seed', 0]
+        jobs[kind] = folder, ['--epochs', 1, '--bs', 20, '--lr-min', 0.01, '--lr-max', 0.1, '--device', 'cpu',
+                              '--seed', 0]
     folder, _ = write_release(root / 'truncated', 'binary', n=10)
     f = folder / 'data_batch_1.bin'
     f.write_bytes(f.read_bytes()[:-5])
     jobs['truncated'] = folder.parent, ['--epochs', 1, '--device', 'cpu']
     # All three at once: each spends most of its seconds importing, one core each, so on two cores they overlap.
     with ThreadPoolExecutor(len(jobs)) as pool:
-        done = {name: pool.submit(run_script, 'experiments/run.py', '--data', data, '--out', root / f'run-{name}', *args)
+        done = {name: pool.submit(run_script, 'experiments/run.py', '--data', data, '--out', root / f'run-{name}',
+                                  *args)
                 for name, (data, args) in jobs.items()}
     return {name: (jobs[name][0], root / f'run-{name}', job.result()) for name, job in done.items()}
 

@@ -19,10 +19,13 @@ def test_half_weights_measures_then_writes(tiny_run, tmp_path):
     r = run_script('tools/half_weights.py', run, '--data', data, '--write', '--max-drop', 100)
     assert r.returncode == 0, r.stderr
     acc32, acc16 = map(float, re.findall(r'fp(?:32|16) weights: test accuracy ([\d.]+)%', r.stdout))
-    assert abs(100 * evaluate_run(tiny_run, data, tta=False).metrics['test_acc'] - acc32) < 0.006  # the run's own weights, as the run measured them
+    # the run's own weights, as the run measured them
+    assert abs(100 * evaluate_run(tiny_run, data, tta=False).metrics['test_acc'] - acc32) < 0.006
     half = torch.load(run / 'model.pth')
-    assert all(half[k].dtype == torch.float16 and torch.equal(half[k], v.half()) for k, v in full.items() if v.is_floating_point())
-    assert abs(100 * evaluate_run(run, data, tta=False).metrics['test_acc'] - acc16) < 0.006  # what the fp16 file gives, loaded as every tool loads it
+    assert all(half[k].dtype == torch.float16 and torch.equal(half[k], v.half())
+               for k, v in full.items() if v.is_floating_point())
+    # what the fp16 file gives, loaded as every tool loads it
+    assert abs(100 * evaluate_run(run, data, tta=False).metrics['test_acc'] - acc16) < 0.006
     assert (run / 'model.pth').stat().st_size < 0.55 * (tiny_run / 'model.pth').stat().st_size
     r = run_script('tools/half_weights.py', run, '--data', data)
     assert r.returncode == 2 and r.stderr.strip().endswith('is not fp32 (already converted?)'), r.stderr

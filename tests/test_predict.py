@@ -1,4 +1,4 @@
-"""predict() gives the model's own probabilities for any image, prepared as the test set is; cams.py --image end to end."""
+"""predict(): the model's own probabilities for any image, prepared as the test set is; cams.py --image end to end."""
 import json, re, shutil
 
 import numpy as np
@@ -36,7 +36,8 @@ def image(w, h, mode='RGB', seed=0):
 def test_top_k_are_the_softmax_of_the_scaled_logits(model, k):
     img = image(40, 50)
     got = predict(model, img, CLASSES, k=k)
-    with torch.no_grad(): probs = F.softmax(model(preprocess(img)) * 0.125, dim=1)[0]  # the run's loss: softmax(logits/8)
+    # the run's loss: softmax(logits/8)
+    with torch.no_grad(): probs = F.softmax(model(preprocess(img)) * 0.125, dim=1)[0]
     order = probs.argsort(descending=True)[:k]
     assert len(got) == min(k, 10) and all(isinstance(p, Prediction) for p in got)
     assert [p.label for p in got] == [CLASSES[i] for i in order]
@@ -185,7 +186,8 @@ def test_target_adds_its_own_cam_and_out_collects_the_figures(tiny_run, tmp_path
     import cams
     image(100, 60).save(tmp_path / 'a.png')
     cams.main(image=[str(tmp_path / 'a.png')], run=str(tiny_run), out=str(tmp_path / 'one'))
-    cams.main(image=[str(tmp_path / 'a.png')], run=str(tiny_run), out=str(tmp_path / 'two'), target='c3', layer='layer2')
+    cams.main(image=[str(tmp_path / 'a.png')], run=str(tiny_run), out=str(tmp_path / 'two'), target='c3',
+              layer='layer2')
     one, two = tmp_path / 'one' / 'a.gradcam.png', tmp_path / 'two' / 'a.gradcam.png'
     assert not (tmp_path / 'a.gradcam.png').exists()
     w1, w2 = Image.open(one).size[0], Image.open(two).size[0]

@@ -1,4 +1,4 @@
-"""The theoretical receptive field, checked by brute force: the pixels a unit's gradient reaches span exactly the field."""
+"""Theoretical receptive fields, checked by brute force: the pixels a unit's gradient reaches span exactly its field."""
 import copy
 
 import pytest
@@ -11,8 +11,9 @@ from receptive import covers, rf_table
 
 
 def no_lost_gradient(model):
-    "A copy of `model` whose every input pixel in a field gets a gradient: pools average, weights are positive, BN scales."
-    model = copy.deepcopy(model).eval()  # BN in eval mode, with fresh statistics: a positive affine map, nothing cancels
+    "A `model` copy whose every input pixel in a field gets a gradient: pools average, weights are positive, BN scales."
+    # BN in eval mode, with fresh statistics: a positive affine map, nothing cancels
+    model = copy.deepcopy(model).eval()
     for name, m in list(model.named_modules()):
         new = None
         if isinstance(m, nn.MaxPool2d):  # a max routes its gradient to one pixel of the window; an average to all
@@ -115,7 +116,8 @@ class Down(nn.Module):
     "A strided residual block: a 4×4 stride-2 path plus a 1×1 stride-2 shortcut, whose fields are centred apart."
     def __init__(self, c):
         super().__init__()
-        self.path = nn.Sequential(nn.Conv2d(c, c, 4, stride=2, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=2, dilation=2))
+        self.path = nn.Sequential(nn.Conv2d(c, c, 4, stride=2, padding=1), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=2, dilation=2))
         self.short = nn.Conv2d(c, c, 1, stride=2)
 
     def forward(self, x): return self.path(x) + self.short(x)

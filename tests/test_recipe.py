@@ -1,4 +1,4 @@
-"""The recipe that makes 94%: the augmentations a training batch gets, the optimizer, the loss's scale, what is shown."""
+"""The recipe that makes 94%: a training batch's augmentations, the optimizer, the loss's scale, what is shown."""
 import json, re
 from functools import partial
 from pathlib import Path
@@ -29,11 +29,12 @@ def normalized(x):
 
 @pytest.fixture(scope='module')
 def tiny_dls(tmp_path_factory):
-    return cifar_dls(make_folder(tmp_path_factory.mktemp('recipe') / 'tiny'), bs=60, device='cpu', seed=0, verbose=False)
+    return cifar_dls(make_folder(tmp_path_factory.mktemp('recipe') / 'tiny'), bs=60, device='cpu', seed=0,
+                     verbose=False)
 
 
 def explain(out, src):
-    "How a training image `out` was made from its source `src`: (the crop offsets, mirrored?) pairs that fit, and the Cutout mask."
+    "How training image `out` came from source `src`: (crop offsets, mirrored?) pairs that fit, and the Cutout mask."
     square = (out == 0).all(0)  # the dataset mean is 0 once normalized; no pixel of these images is exactly the mean
     padded = F.pad(src[None], (PAD,) * 4, mode='reflect')[0]
     h, w = src.shape[-2:]
@@ -55,7 +56,8 @@ def test_an_unshuffled_training_batch_is_padcrop_flip_then_one_mean_square(tiny_
     crops, mirrored = set(), set()
     for out, src in zip(x, sources):
         fits, square = explain(out, src)
-        # Cutout after Normalize: exactly one 8×8 square of 0, the dataset mean (before Normalize it would be -mean/std).
+        # Cutout after Normalize: exactly one 8×8 square of 0, the dataset mean
+        # (before Normalize it would be -mean/std).
         ys, xs = torch.nonzero(square, as_tuple=True)
         assert len(ys) == SQUARE ** 2 and ys.max() - ys.min() == SQUARE - 1 and xs.max() - xs.min() == SQUARE - 1
         assert fits, 'an image that is no reflect-padded crop of its source, nor of its mirror'
@@ -105,7 +107,8 @@ def test_bn_weights_decay_by_the_l2_nesterov_step(learn):
     lr, wd, mom = 0.1, 5e-4, 0.9
     before = zero_gradient_step(learn, lr)
     # L2 decay adds wd·w to the gradient; Nesterov's first step applies it (1 + momentum) times.
-    for w, b in zip(bn_weights(learn.model), before): assert torch.allclose(w, b * (1 - lr * wd * (1 + mom)), rtol=0, atol=1e-7)
+    for w, b in zip(bn_weights(learn.model), before):
+        assert torch.allclose(w, b * (1 - lr * wd * (1 + mom)), rtol=0, atol=1e-7)
 
 
 def test_bn_weights_still_decay_with_fastais_own_sgd(learn):
@@ -129,8 +132,10 @@ def test_the_losss_own_defaults_and_settings_reach_cross_entropy():
     assert torch.allclose(ScaledCrossEntropy()(logits, y), F.cross_entropy(logits / 8, y))  # ×0.125, no smoothing
     assert torch.allclose(ScaledCrossEntropy(label_smoothing=0.1)(logits, y),
                           F.cross_entropy(logits / 8, y, label_smoothing=0.1))
-    assert torch.allclose(ScaledCrossEntropy(reduction='sum')(logits, y), F.cross_entropy(logits / 8, y, reduction='sum'))
-    with pytest.raises(TypeError, match="keyword argument 'reduce_to'"):  # a call's keywords reach torch, as fastai's do
+    assert torch.allclose(ScaledCrossEntropy(reduction='sum')(logits, y),
+                          F.cross_entropy(logits / 8, y, reduction='sum'))
+    # a call's keywords reach torch, as fastai's do
+    with pytest.raises(TypeError, match="keyword argument 'reduce_to'"):
         ScaledCrossEntropy()(logits, y, reduce_to='sum')
     z = torch.randn(2, 3, 10)  # a softmax over the classes, the last axis, whatever the batch's shape
     assert torch.allclose(ScaledCrossEntropy(scale=0.5).activation(z), F.softmax(z / 2, dim=-1))
@@ -153,7 +158,8 @@ def test_the_learners_settings_reach_fastai(tiny_dls, tmp_path):
     learn = cifar_learner(tiny_dls, model=model, path=tmp_path, cbs=[probe], label_smoothing=0.1, precision='bf16',
                           channels_last=True)
     assert learn.model is model and learn.path == tmp_path and probe in learn.cbs
-    assert sum(isinstance(cb, BF16) for cb in learn.cbs) == sum(isinstance(cb, ChannelsLastBatches) for cb in learn.cbs) == 1
+    assert sum(isinstance(cb, BF16) for cb in learn.cbs) == \
+        sum(isinstance(cb, ChannelsLastBatches) for cb in learn.cbs) == 1
     learn.save('weights')
     assert (tmp_path / 'weights.pth').is_file()
     torch.manual_seed(0)
@@ -226,7 +232,8 @@ def test_interpret_reads_the_loader_it_is_given(learn):
 # ---- docs/recipe.md's LR table ------------------------------------------------------------------------------------
 
 CURVES = json.loads((Path(__file__).parent / 'data' / 'lr_find-curves-h100.json').read_text())
-ROW = re.compile(r'^\| (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \| (\d+) \|$', re.M)
+ROW = re.compile(r'^\| (\d) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| '
+                 r'\*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \| (\d+) \|$', re.M)
 
 
 def docs_table():
@@ -257,7 +264,8 @@ def test_the_rules_suggestions_mark_the_curve_where_fastai_plots_them():
         i = int(np.abs(np.log10(lrs) - np.log10(lr)).argmin())  # the recorded LR nearest the suggestion
         assert got == x == pytest.approx(lr) and y == losses[i]
     # between two recorded LRs, the marker sits on the nearer one in log space
-    assert lrfind._loss_at([1e-3, 1e-2], [5., 7.], 2.9e-3) == 5. and lrfind._loss_at([1e-3, 1e-2], [5., 7.], 3.3e-3) == 7.
+    assert lrfind._loss_at([1e-3, 1e-2], [5., 7.], 2.9e-3) == 5. \
+        and lrfind._loss_at([1e-3, 1e-2], [5., 7.], 3.3e-3) == 7.
 
 
 def test_the_finders_record_and_its_line():
@@ -266,8 +274,8 @@ def test_the_finders_record_and_its_line():
     losses[-1] = float('nan')  # the finder's last point can be NaN: JSON has no NaN
     found = lrfind.from_curve(lrs.tolist(), losses, 71, seconds=3.5)
     record = found.to_json()
-    assert set(record) == {'suggestions', 'lr_min', 'lr_max', 'rule', 'seconds', 'num_it', 'plateau', 'threshold', 'fit',
-                           'lrs', 'losses'}
+    assert set(record) == {'suggestions', 'lr_min', 'lr_max', 'rule', 'seconds', 'num_it', 'plateau', 'threshold',
+                           'fit', 'lrs', 'losses'}
     c = found.construction
     assert (record['lr_min'], record['lr_max'], record['rule']) == (c.lr_min, c.lr_max, c.rule)
     assert (record['plateau'], record['threshold'], record['fit']) == (c.plateau, c.threshold, list(c.fit))
@@ -279,13 +287,15 @@ def test_the_finders_record_and_its_line():
     line = str(found)
     assert line == lrfind.describe(found.suggestions, found.lr_min, found.lr_max, found.rule)
     s = found.suggestions
-    assert line == (f"minimum {s['minimum']:.3g}, steep {s['steep']:.3g}, valley {s['valley']:.3g}, slide {s['slide']:.3g}"
+    assert line == (f"minimum {s['minimum']:.3g}, steep {s['steep']:.3g}, valley {s['valley']:.3g}, "
+                    f"slide {s['slide']:.3g}"
                     f' -> LRMIN {found.lr_min:.3g}, LRMAX {found.lr_max:.3g} ({found.rule})')
     assert lrfind.describe({'valley': 0.01234}) == 'valley 0.0123'
 
 
 def test_the_finders_defaults_are_the_docs():
-    # "fastai's lr_find (100 steps from 1e-7 to 10)": docs/recipe.md's words, which a full finder run is too slow to test.
+    # "fastai's lr_find (100 steps from 1e-7 to 10)": docs/recipe.md's words, which a full finder run is too slow
+    # to test.
     import inspect
     defaults = {k: p.default for k, p in inspect.signature(lrfind.find_lrs).parameters.items() if k != 'learn'}
     assert defaults == dict(num_it=100, start_lr=1e-7, end_lr=10)

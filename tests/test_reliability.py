@@ -1,4 +1,4 @@
-"""A killed run resumes exactly, the same seed gives the same run, a diverging run stops with a message, bad input is named."""
+"""A killed run resumes exactly, one seed gives one run, a diverging run stops with a message, bad input is named."""
 import csv, json, os, signal, subprocess, sys, threading, time
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,7 +93,8 @@ def test_ctrl_c_in_training_says_how_to_continue_and_resume_finishes(data, unint
 def test_ctrl_c_in_the_first_epoch_resumes_from_the_start(data, tmp_path):
     "Stopped before any checkpoint: the finder's LRs are kept, and --resume trains all epochs, each logged once."
     out = tmp_path / 'run'
-    flags = ['--data', data, '--epochs', 2, '--bs', 5, '--lr-min', 0.01, '--lr-max', 0.1, '--device', 'cpu', '--out', out]
+    flags = ['--data', data, '--epochs', 2, '--bs', 5, '--lr-min', 0.01, '--lr-max', 0.1, '--device', 'cpu',
+             '--out', out]
     code, err = interrupted(flags, lambda lines: any(l.startswith('ETA:') for l in lines))  # after 5 of 12 batches
     assert code == 130 and 'interrupted during epoch 1 of 2, before any epoch was saved' in err, err
     assert not (out / 'checkpoint.pth').exists() and (out / 'lr_find.json').exists()
@@ -179,7 +180,8 @@ def test_divergence_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path):
     assert e.value.msg.startswith('training diverged: the loss became nan at epoch 2, step 2 (LR ')
     assert e.value.msg.endswith('try a lower --lr-max')
     state = torch.load(tmp_path / 'ck.pth', weights_only=False)
-    assert state['epoch'] == 1 and all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
+    assert state['epoch'] == 1 and all(torch.isfinite(v).all()
+                                       for v in state['model'].values() if v.is_floating_point())
     assert len(rows(tmp_path / 'metrics.csv')) == 1
 
 
@@ -261,7 +263,8 @@ def test_a_finder_curve_too_short_is_a_run_failure_not_a_usage_error(tmp_path, c
 @pytest.mark.parametrize('before', [None, '0'])
 def test_distributed_restores_the_environment(tmp_path, monkeypatch, before):
     import processes
-    learn = cifar_learner(cifar_dls(make_folder(tmp_path / 'd', n_train=1, n_test=1), bs=5, device='cpu', verbose=False))
+    learn = cifar_learner(cifar_dls(make_folder(tmp_path / 'd', n_train=1, n_test=1), bs=5, device='cpu',
+                                    verbose=False))
     seen = {}
     @contextmanager
     def distrib_ctx(**kwargs):

@@ -1,4 +1,4 @@
-"""Sharing a run: its export.pkl through fastai's load_learner in a fresh process, and the package pieces app.py shows."""
+"""Sharing a run: its export.pkl via fastai's load_learner in a fresh process, and the package pieces app.py shows."""
 import json, os, subprocess, sys
 
 import numpy as np

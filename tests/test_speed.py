@@ -37,10 +37,11 @@ def stock(learn):
 
 
 class DeviceReads(TorchFunctionMode):
-    "Follows every tensor that lives on the training device (data, model, and all computed from them) and counts the host's reads of them."
+    "Follows every tensor on the training device (data, model, all computed from them) and counts the host's reads."
     # On a CPU `.cpu()` of such a tensor dispatches nothing, so counting aten calls misses it; following the
     # tensors themselves sees every read that on a GPU would make the host wait.
-    READS = {'item', 'cpu', 'tolist', 'numpy', '__bool__', '__float__', '__int__', '__index__', '__format__', '__array__'}
+    READS = {'item', 'cpu', 'tolist', 'numpy', '__bool__', '__float__', '__int__', '__index__', '__format__',
+             '__array__'}
 
     def __init__(self, learn):
         super().__init__()
@@ -70,7 +71,7 @@ class DeviceReads(TorchFunctionMode):
 
 
 class InBatches(Callback):
-    "Switches `DeviceReads` on for the batches of each epoch, training and validation: loading, augmentation, every callback."
+    "Switches `DeviceReads` on for each epoch's batches, training and validation: loading, augmentation, all callbacks."
     order = -1000  # first at after_train and after_validate, where the once-an-epoch reads begin
     def __init__(self, reads): self.reads = reads
     def before_train(self): self.reads.on = 'train'
@@ -88,7 +89,7 @@ def device_reads(learn, cbs=()):
 
 
 def test_the_instrument_sees_fastais_own_reads(folder):
-    "With fastai's own sums and bar: a .cpu() for the smoothed loss and the train metric at each of 16 batches, and so on."
+    "With fastai's own sums and bar: a .cpu() for the smoothed loss and the train metric at each of 16 batches, etc."
     train, valid, sites = device_reads(stock(learner(folder)))
     assert train >= 2 * 16 and valid >= 2 * 4, sites  # validation: the loss and the metric at each of 4 batches
 
@@ -175,7 +176,8 @@ def test_run_records_the_speed_flags(folder, tmp_path):
 
 
 def test_an_unknown_precision_is_one_line(folder, tmp_path, capsys):
-    code, err = run_here(capsys, 'experiments/run.py', '--data', folder, '--precision', 'fp16', '--out', tmp_path / 'run')
+    code, err = run_here(capsys, 'experiments/run.py', '--data', folder, '--precision', 'fp16', '--out',
+                         tmp_path / 'run')
     assert code == 2 and "--precision must be one of auto, fp32, bf16, got 'fp16'" in err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / 'run').exists()
 
@@ -248,7 +250,8 @@ def test_auto_on_this_machine(folder, tmp_path):
     assert 'UserWarning' not in r.stderr  # fastai's "CUDA is not available" warning of its own autocast is not shown
     config = json.loads((out / 'config.json').read_text())
     precision, channels_last, why = auto_precision('cpu')
-    assert (config['precision'], config['channels_last']) == (precision, channels_last) and why in config['precision_choice']
+    assert (config['precision'], config['channels_last']) == (precision, channels_last) \
+        and why in config['precision_choice']
     assert f"precision: {config['precision_choice']}\n" in r.stdout  # said at the start
 
 
@@ -259,7 +262,8 @@ def test_resume_keeps_the_precision_auto_chose(folder, tmp_path, capsys, monkeyp
     code, _ = run_here(capsys, 'experiments/run.py', '--data', folder, '--epochs', 2, '--bs', 10, '--lr-min', 0.01,
                        '--lr-max', 0.1, '--device', 'cpu', '--out', out, '--seed', 0)
     assert code == 0
-    (out / 'model.pth').unlink()  # as if stopped before its first checkpoint: --resume trains it again from lr_find.json
+    # as if stopped before its first checkpoint: --resume trains it again from lr_find.json
+    (out / 'model.pth').unlink()
     fake_cpu(monkeypatch)  # resumed on a CPU without bf16
     built = []
     def spy(*args, **kwargs):

@@ -119,7 +119,8 @@ def test_the_rule_on_a_curve_solved_by_hand():
     # ... read at the last point above the threshold, not an earlier one inside the range
     ([1e-4, 1e-3, 5e-3, 5e-2, 1], [2.3, 2.3, 2.3, 2.3, 1.0], 1e-2, 'LRMAX/100 (the descent began above it)'),
     # a descent that begins more than three decades below the bottom is kept at LRMAX/1000
-    ([1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], [2.3, 2.3, 2.2, 2.0, 1.8, 1.5, 1.0], 1e-4, 'LRMAX/1000 (the descent began below it)'),
+    ([1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1], [2.3, 2.3, 2.2, 2.0, 1.8, 1.5, 1.0], 1e-4,
+     'LRMAX/1000 (the descent began below it)'),
     # ... read at the last point above the threshold, not an earlier one below the range
     ([1e-4, 5e-3, 1], [2.3, 2.3, 1.0], 5e-3, 'start of the descent (5% of the drop)'),
     # a descent that begins exactly at LRMAX/100 or LRMAX/1000 is inside the range (LRMAX is exactly 1 here)
@@ -135,7 +136,8 @@ def test_the_rules_guards(lrs, losses, lr_min, why):
 
 def test_the_rules_words_and_construction():
     c = curve_rule(*curve(*hand_curve()))
-    assert c.rule == 'LRMIN = start of the descent (5% of the drop); LRMAX = vertex of a parabola fitted around the lowest loss'
+    assert c.rule == ('LRMIN = start of the descent (5% of the drop); '
+                      'LRMAX = vertex of a parabola fitted around the lowest loss')
     lo, hi, a, b, k = c.fit  # the bowl itself: 0.06·t² + 0.12·t + 1.96, fitted over the half decade either side of 0.1
     assert (lo, hi) == pytest.approx((10 ** -1.5, 10 ** -0.5)) and (a, b, k) == pytest.approx((0.06, 0.12, 1.96))
     # two points: no parabola, the lower one is LRMAX
@@ -154,7 +156,8 @@ def test_the_parabola_takes_every_point_within_half_a_decade_and_needs_three():
 
 def test_a_point_at_the_threshold_is_still_before_the_descent():
     lrs, losses = hand_curve()
-    losses[25] = 2.3 - 0.05 * (2.3 - 1.9)  # t = -3.5, just past the hand-solved LRMIN (t = -3.6): now exactly at the threshold
+    # t = -3.5, just past the hand-solved LRMIN (t = -3.6): now exactly at the threshold
+    losses[25] = 2.3 - 0.05 * (2.3 - 1.9)
     c = curve_rule(*curve(lrs, losses))
     assert c.threshold == losses[25] and c.lr_min == pytest.approx(10 ** -3.5)
 
@@ -169,8 +172,9 @@ def test_the_rule_reads_a_float32_curve_in_float64():
 def test_a_curve_too_short_is_a_finder_error():
     with pytest.raises(FinderError, match='1 usable point'): curve_rule(*curve([1e-3], [2.3]))
     with pytest.raises(FinderError) as e: from_curve([1e-3] * 8, [float('nan')] * 8, 8)
-    assert str(e.value) == ('lr_find could not choose LRs: the finder curve has 0 usable point(s); it needs at least 2; '
-                            'pass --lr-min and --lr-max, or give the finder more steps (--find-iters) or more data (--subset)')
+    assert str(e.value) == ('lr_find could not choose LRs: the finder curve has 0 usable point(s); '
+                            'it needs at least 2; pass --lr-min and --lr-max, or give the finder more steps '
+                            '(--find-iters) or more data (--subset)')
 
 
 def test_trim_cuts_the_curve_at_its_first_nan():
@@ -200,7 +204,8 @@ def test_fastai_lr_find_shows_the_rule_as_two_suggestions(micro):
         learn.path = Path(tmp)
         sugg = learn.lr_find(num_it=30, show_plot=False, suggest_funcs=(lrmin, lrmax))
     found = from_curve(learn.recorder.lrs, learn.recorder.losses, 30)
-    assert sugg._fields == ('lrmin', 'lrmax') and (sugg.lrmin, sugg.lrmax) == pytest.approx((found.lr_min, found.lr_max))
+    assert sugg._fields == ('lrmin', 'lrmax') \
+        and (sugg.lrmin, sugg.lrmax) == pytest.approx((found.lr_min, found.lr_max))
 
 
 def test_the_learners_summary_is_the_assignments_table(micro):

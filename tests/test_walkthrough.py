@@ -38,7 +38,8 @@ def test_the_walkthrough_runs_top_to_bottom_on_the_quick_setting(cifar10, monkey
     assert argv0 in ('python', 'python3', sys.executable), f'the python3 kernel runs {argv0}, not {sys.executable}'
     monkeypatch.setenv('CIFAR10_DIR', str(cifar10))  # the kernel inherits this process's environment
     # The timeout is per cell; a failing cell raises CellExecutionError with its traceback.
-    NotebookClient(nb, kernel_name='python3', timeout=120, resources={'metadata': {'path': str(ROOT / 'experiments')}}).execute()
+    NotebookClient(nb, kernel_name='python3', timeout=120,
+                   resources={'metadata': {'path': str(ROOT / 'experiments')}}).execute()
     assert not [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs if o.output_type == 'error']
     summary = text(cell_with(nb, 'learn.summary()'))
     assert 'Total params: 6,573,120' in summary and TABLE in summary
@@ -47,8 +48,8 @@ def test_the_walkthrough_runs_top_to_bottom_on_the_quick_setting(cifar10, monkey
     fit = ''.join(o.get('data', {}).get('text/html', '') for o in cell_with(nb, 'fit_one_cycle(').outputs)
     epochs = re.findall(r'<tr>\s*<td>(\d+)</td>', fit)  # fastai's table: a row per epoch, numbered from 0
     assert 'accuracy' in fit and len(epochs) >= 2 and epochs == [str(i) for i in range(len(epochs))]
-    for source in ('show_batch(', 'lr_find(', 'plot_sched()', 'plot_loss()', 'plot_top_losses(', 'plot_confusion_matrix(',
-                   "'layer3')", "'layer2')"):
+    for source in ('show_batch(', 'lr_find(', 'plot_sched()', 'plot_loss()', 'plot_top_losses(',
+                   'plot_confusion_matrix(', "'layer3')", "'layer2')"):
         assert images(cell_with(nb, source)) >= 1, f'the cell with {source} showed no figure'
     assert "('" in text(cell_with(nb, 'most_confused()'))  # (true, predicted, count) pairs
     assert {name for name, _ in tagged_pngs(nb)} == {'lr_find', 'gradcam_layer3'}
@@ -58,4 +59,5 @@ def test_the_figures_in_results_are_the_committed_notebooks(tmp_path):
     r = run_script(ROOT / 'tools' / 'walkthrough_figures.py', '--out', tmp_path)
     assert r.returncode == 0, r.stderr
     for name in ('lr_find', 'gradcam_layer3'):  # docs/ shows lr_find.png: both must be this notebook's, byte for byte
-        assert (tmp_path / f'{name}.png').read_bytes() == (ROOT / 'results' / 'walkthrough' / f'{name}.png').read_bytes()
+        assert (tmp_path / f'{name}.png').read_bytes() == \
+            (ROOT / 'results' / 'walkthrough' / f'{name}.png').read_bytes()

@@ -1,4 +1,4 @@
-"""Screenshots of app.py for a run, taken by headless Chromium: a test image classified with Grad-CAM, and the mistakes."""
+"""Screenshots of app.py for a run, by headless Chromium: a test image classified with Grad-CAM, and the mistakes."""
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +40,7 @@ def main(run: str = None,                 # run folder (default: the newest fini
          example: int = 3,                # which of the ten example test images to classify (1-10)
          layer: str = 'layer2',           # Grad-CAM layer to show
          n: int = 10):                    # how many misclassified test images
-    "Start app.py for a run, classify one example test image, open the misclassified gallery, and save both screenshots."
+    "Start app.py for a run, classify one example test image, open the misclassified gallery, save both screenshots."
     from app import serving
     from run_folder import find_run
     out = Path(out)

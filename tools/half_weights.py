@@ -1,4 +1,4 @@
-"""A run's model.pth in half precision (13 MB, not 26): what fp16 weights cost on the test set, and the fp16 file if it is nothing."""
+"""A run's model.pth in fp16 (13 MB, not 26): what fp16 weights cost on the test set, and the fp16 file if nothing."""
 import sys
 from pathlib import Path
 
@@ -20,7 +20,7 @@ def main(run: str,                  # run folder with model.pth (fp32)
          data: str = None,          # CIFAR folder with its test images (default: the run's own, else $CIFAR10_DIR)
          write: store_true = False, # replace model.pth with the fp16 weights, unless they cost more than --max-drop
          max_drop: float = 0.05):   # the most test accuracy, in percentage points, that fp16 weights may cost
-    "Test accuracy with the run's fp32 weights and with the same weights rounded to fp16; with --write, keep the fp16 ones."
+    "Test accuracy with the run's fp32 weights and with them rounded to fp16; with --write, keep the fp16 ones."
     with user_errors('half_weights.py'):
         file = Path(run) / 'model.pth'
         if not file.is_file(): raise UsageError(f'{file} not found')
@@ -39,6 +39,7 @@ def main(run: str,                  # run folder with model.pth (fp32)
         drop = 100 * (a32 - a16)
         print(f'fp16 costs {drop:+.2f} percentage points of test accuracy', flush=True)
         if not write: return
-        if drop > max_drop: raise RunError(f'fp16 weights cost {drop:.2f} points, more than --max-drop {max_drop}; kept fp32')
+        if drop > max_drop:
+            raise RunError(f'fp16 weights cost {drop:.2f} points, more than --max-drop {max_drop}; kept fp32')
         torch.save(half, file)
         print(f'wrote {file} in fp16 ({file.stat().st_size / 1e6:.1f} MB)', flush=True)

@@ -42,7 +42,7 @@ def test_cams_on_the_gpu(gpu_run, tmp_path):
 
 
 def test_evaluate_on_the_gpu(gpu_run):
-    "experiments/evaluate.py on the GPU (bf16, channels-last, the Mirror callback on CUDA batches): the run's own numbers."
+    "experiments/evaluate.py on the GPU (bf16, channels-last, Mirror callback on CUDA batches): the run's own numbers."
     r = run_script('experiments/evaluate.py', '--run', gpu_run, '--device', 'cuda', '--dry-run')
     assert r.returncode == 0, r.stderr[-3000:]
     recorded = json.loads((gpu_run / 'config.json').read_text())['test_metrics']
