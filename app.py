@@ -14,7 +14,7 @@ from cli import UsageError, quiet_warnings, user_errors
 LAYERS = ('prep', 'layer1', 'layer2', 'layer3')  # arch.BLOCKS, coarsest last; listed here so --help needs no torch
 PREDICTED = 'the predicted class'
 SCALE = 8  # 32×32 pictures shown at 256×256, pixels kept square
-MAX_MISTAKES = 50  # the most misclassified test images the gallery shows
+MAX_MISTAKES = 50  # the most misclassified test images the gallery shows: as many as a run keeps (interpret.MISTAKES)
 
 
 # A public server's limits (flags of `main`): what one request may cost is bounded before any work starts.
@@ -34,7 +34,7 @@ CSS = '#prediction .confidence { display: none; }'
 def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS,
          tta=False):
     "What the app needs to start: the run's model, classes, headline and example images; no data set."
-    from run_folder import find_run, load_model
+    from run_folder import find_run, load_model, load_mistakes
     from report import headline
     run = find_run(run)  # one line and exit 2 for a bad --run, before any server starts
     for f in ('metrics.csv',):
@@ -43,9 +43,11 @@ def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=
     # run.py saves ten test images in the run folder, so classifying needs nothing else; the 60,000 images are
     # read only when someone asks for the misclassified ones (`mistakes_interp`).
     examples = [str(p) for p in sorted((run / 'examples').glob('*.png'))]
+    # The misclassified gallery from what the run kept (mistakes.npz, 1 MB): no data set and no pass over it.
+    interp, worst = load_mistakes(run) or (None, None)
     return SimpleNamespace(run=run, model=model, classes=classes, headline=headline(run), examples=examples,
                            examples_dir=str(run / 'examples'), data=data, device=device, max_file_mb=max_file_mb,
-                           max_images=max_images, max_pixels=max_pixels, tta=tta, interp=None, worst=None,
+                           max_images=max_images, max_pixels=max_pixels, tta=tta, interp=interp, worst=worst,
                            lock=threading.Lock())
 
 
@@ -92,9 +94,9 @@ def classify(st, files, k, layer, target, opacity):
 
 
 def mistakes_interp(st):
-    "fastai's Interpretation of the run on its test set and the inputs of its worst 50 mistakes, made on first use."
+    "The run's test-set predictions and the inputs of its worst 50 mistakes: its mistakes.npz, else made on first use."
     with st.lock:  # a Learner is not for several threads, and one pass over the test set is enough
-        if st.interp is None:
+        if st.interp is None:  # a run made before runs kept mistakes.npz (see `load`): the test set, once
             from run_folder import load_run, run_data
             from interpret import interpret, top_misclassified
             # Batches of 128, not the run's 512: in eval mode each image's answer is the same, and the pass's peak

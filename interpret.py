@@ -12,9 +12,11 @@ from matplotlib.figure import Figure
 from report import save_figure
 
 __all__ = ['interpret', 'top_misclassified', 'denorm', 'most_confused', 'plot_misclassified', 'plot_confusion',
-           'save_test_examples', 'ECE_BINS', 'calibration_bins', 'expected_calibration_error', 'plot_reliability']
+           'save_test_examples', 'MISTAKES', 'save_mistakes', 'ECE_BINS', 'calibration_bins',
+           'expected_calibration_error', 'plot_reliability']
 
 ECE_BINS = 15  # Guo et al. 2017's equal-width bins on the top class's probability
+MISTAKES = 50  # the highest-loss mistakes whose inputs a run keeps in mistakes.npz, for the app's gallery
 
 
 def interpret(learn, dl=None):
@@ -100,6 +102,18 @@ def save_test_examples(dl, folder, n=10):
         Image.fromarray(dl.images[dl.rows[i]].cpu().permute(1, 2, 0).numpy()).save(path)  # PNG: the pixels as stored
         paths.append(path)
     return paths
+
+
+def save_mistakes(interp, file, k=MISTAKES):
+    "The test set's predictions and the inputs of its `k` highest-loss mistakes, in one small file (`load_mistakes`)."
+    # What the app's misclassified gallery reads, so that it needs neither the data set nor a pass over it: for
+    # CIFAR-10's 10,000 test images, about 1 MB.
+    idx = top_misclassified(interp, k)
+    x = interp[idx][0] if len(idx) else torch.zeros(0, 3, 32, 32)  # the inputs as the test pipeline makes them
+    np.savez_compressed(file, vocab=np.array([str(v) for v in interp.vocab]), preds=interp.preds.float().numpy(),
+                        targs=interp.targs.numpy(), decoded=interp.decoded.numpy(),
+                        losses=interp.losses.float().numpy(), idx=idx.numpy(), x=x.float().cpu().numpy())
+    return file
 
 
 # ---- how far the probabilities can be trusted: calibration

@@ -1,16 +1,19 @@
 """What reads a run folder: finds it, loads its model, its class names and its test images, evaluates it."""
-import json, pickle
+import json, pickle, zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 from arch import custom_resnet
 from cli import UsageError, torch_device
 from data import DataError, cifar_dls, resolve_path, scan_folder
+from interpret import interpret, save_mistakes
 from predict import CIFAR10_CLASSES, evaluate, native_precision
 from train import cifar_learner
 
-__all__ = ['find_run', 'run_data', 'run_classes', 'load_model', 'load_run', 'evaluate_run']
+__all__ = ['find_run', 'run_data', 'run_classes', 'load_model', 'load_run', 'load_mistakes', 'evaluate_run']
 
 ROOT = Path(__file__).resolve().parent
 
@@ -83,7 +86,23 @@ def load_run(run, data=None, device=None, bs=None):
     return learn
 
 
-def evaluate_run(run, data, state=None, device='cpu', precision=None, bs=None, tta=True):
+def load_mistakes(run):
+    "A run's mistakes.npz as `(interp, x)`: the fields of its Interpretation the gallery reads, and the worst inputs."
+    # `interpret.save_mistakes` wrote it at the end of the run; None for a run made before it did.
+    file = Path(run) / 'mistakes.npz'
+    if not file.exists(): return None
+    try:
+        with np.load(file, allow_pickle=False) as f: a = {k: f[k] for k in f.files}
+        interp = SimpleNamespace(vocab=[str(v) for v in a['vocab']], preds=torch.from_numpy(a['preds']),
+                                 targs=torch.from_numpy(a['targs']), decoded=torch.from_numpy(a['decoded']),
+                                 losses=torch.from_numpy(a['losses']))
+        return interp, torch.from_numpy(a['x'])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f'{file} is not a mistakes file ({reason})') from None
+
+
+def evaluate_run(run, data, state=None, device='cpu', precision=None, bs=None, tta=True, mistakes=None):
     "A run's `Evaluation` on all its test images in `data`: plain accuracy is its last epoch's; `state`: other weights."
     # fastai's `get_preds`, with the run's subset and memory layout, and its precision where it is native here
     # (`native_precision`; `precision` overrides): the numbers of its metrics.csv, so that a shipped model.pth can be
@@ -99,4 +118,6 @@ def evaluate_run(run, data, state=None, device='cpu', precision=None, bs=None, t
                           channels_last=own and config.get('channels_last', False))
     ev = evaluate(learn, tta=tta)
     ev.metrics['precision'] = precision
+    # `mistakes`: also write the app's gallery file there, as run.py does at the end of a run (one more pass).
+    if mistakes: save_mistakes(interpret(learn), mistakes)
     return ev

@@ -18,13 +18,14 @@ PRECISIONS = ('native', 'fp32', 'bf16')
 
 
 def evaluate_folder(run=None, data=None, device='cpu', precision='native', dry_run=False):
-    "Evaluate a run's model.pth on all its test images; put the numbers in config.json, calibration.png and report.md."
+    "Evaluate a run's model.pth on its test images; write the numbers (config.json), calibration.png, mistakes.npz."
     if precision not in PRECISIONS:
         raise UsageError(f'--precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
     run = find_run(run)  # cams.py's: one line for a missing folder, config.json or model.pth
     dev = torch_device(device)
     t = time.perf_counter()
-    ev = evaluate_run(run, run_data(run, data), device=dev, precision=None if precision == 'native' else precision)
+    ev = evaluate_run(run, run_data(run, data), device=dev, precision=None if precision == 'native' else precision,
+                      mistakes=None if dry_run else run / 'mistakes.npz')
     m = dict(ev.metrics, seconds=round(time.perf_counter() - t, 1), device_name=device_name(dev))
     if not dry_run:
         config = json.loads((run / 'config.json').read_text())

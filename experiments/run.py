@@ -17,7 +17,8 @@ from fastai.torch_core import num_distrib, rank_distrib, set_seed
 from arch import write_summary
 from data import cifar_dls
 from effective_rf import receptive_fields
-from interpret import interpret, most_confused, plot_confusion, plot_misclassified, plot_reliability, save_test_examples
+from interpret import (interpret, most_confused, plot_confusion, plot_misclassified, plot_reliability, save_mistakes,
+                       save_test_examples)
 from report import evaluation_section, plot_curves, plot_lr_find, plot_schedule, read_csv, save_json, write_report
 from callbacks import (ETA, Checkpoint, Diverged, RunLog, StopOnDivergence, load_checkpoint, plain_console, saved_epoch,
                        truncate_logs)
@@ -307,6 +308,7 @@ def explain(learn, config, lr, out):
                   PEAK * config['epochs'])
     plot_curves(read_csv(out / 'metrics.csv'), out / 'curves.png')
     interp = interpret(learn)
+    save_mistakes(interp, out / 'mistakes.npz')  # the app's misclassified gallery, with no data set
     plot_misclassified(interp, out / 'misclassified.png')
     plot_confusion(interp, out / 'confusion.png')
     return most_confused(interp.cm, list(interp.vocab))

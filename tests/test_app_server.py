@@ -1,6 +1,6 @@
 """app.py as a public server, over real HTTP on 127.0.0.1: each limit and odd image refused or read with its message
 while the server serves on, no cross-talk between concurrent requests, and a start without the data set."""
-import json, os, shutil, sys
+import json, os, shutil, sys, time
 from pathlib import Path
 
 import numpy as np
@@ -128,19 +128,59 @@ def test_concurrent_requests_answer_as_alone(tiny_run):
         assert load['n'] == 8 * (3 if phase == 'classify_load' else 2)
 
 
-def test_it_starts_and_classifies_without_the_data_set(tiny_run, tmp_path, monkeypatch, model):
-    "A run folder alone (no data folder, no CIFAR10_DIR): the page answers, images classify, the gallery says why not."
+def copy_without_data(run, tmp_path, monkeypatch, drop=()):
+    "A copy of `run` whose data folder is gone, with no $CIFAR10_DIR either: a run folder alone on another machine."
+    copy = tmp_path / 'copied-run'
+    shutil.copytree(run, copy)
+    for f in drop: (copy / f).unlink()
+    config = json.loads((copy / 'config.json').read_text())
+    (copy / 'config.json').write_text(json.dumps({**config, 'data': str(tmp_path / 'gone')}))
+    monkeypatch.setenv('CIFAR10_DIR', str(tmp_path / 'also-gone'))
+    return copy
+
+
+def kept_captions(run, model, n):
+    "The captions of the gallery's `n` pictures, from the run's own mistakes.npz, in-process."
+    from cams import misclassified_cams
+    from run_folder import load_mistakes
+    interp, worst = load_mistakes(run)
+    return [caption for *_, caption in misclassified_cams(model[0], interp, n, 'layer3', x=worst)]
+
+
+def first_gallery(server, n=10):
+    "The gallery's captions and the seconds its first answer took, over HTTP."
+    api, t = Api(server.url), time.perf_counter()
+    got = mistakes(api, n, 'layer3')
+    return [caption for caption, _ in got], time.perf_counter() - t
+
+
+def test_without_the_data_set_it_classifies_and_shows_the_mistakes_the_run_kept(tiny_run, tmp_path, monkeypatch,
+                                                                                model):
+    "A run folder alone (no data folder, no $CIFAR10_DIR): images classify, the gallery answers from mistakes.npz."
     need_app()
     from app import serving
-    run = tmp_path / 'copied-run'
-    shutil.copytree(tiny_run, run)
-    config = json.loads((run / 'config.json').read_text())
-    (run / 'config.json').write_text(json.dumps({**config, 'data': str(tmp_path / 'gone')}))
-    monkeypatch.setenv('CIFAR10_DIR', str(tmp_path / 'also-gone'))
+    run = copy_without_data(tiny_run, tmp_path, monkeypatch)
+    want = kept_captions(run, model, 10)
+    assert len(want) == 10 and len(set(want)) > 1
+    with serving(run, log=tmp_path / 'app.log') as s:
+        got, seconds = first_gallery(s)
+        assert got == want and seconds < 2, (seconds, got)
+        example = sorted((run / 'examples').glob('*.png'))[0]
+        assert same(classify(Api(s.url), example, 'layer2', PREDICTED)[0], expect(model, example))
+    # With --data the same file, as fast: the test set is not read.
+    with serving(run, log=tmp_path / 'app-data.log', args=['--data', tiny_run.parent / 'data']) as s:
+        got, seconds = first_gallery(s)
+        assert got == want and seconds < 2, (seconds, got)
+
+
+def test_a_run_without_mistakes_npz_needs_the_data_set_for_the_gallery(tiny_run, tmp_path, monkeypatch, model):
+    "A run made before runs kept mistakes.npz, alone: images classify, the gallery says why it can't answer."
+    need_app()
+    from app import serving
+    run = copy_without_data(tiny_run, tmp_path, monkeypatch, drop=['mistakes.npz'])
     with serving(run, log=tmp_path / 'app.log') as s:
         api = Api(s.url)
         example = sorted((run / 'examples').glob('*.png'))[0]
-        assert same(classify(api, example, 'layer2', PREDICTED)[0], expect(model, example))
         with pytest.raises(AppError, match='the misclassified test images need the test set'):
             mistakes(api, 5, 'layer3')
         assert same(classify(api, example, 'layer2', PREDICTED)[0], expect(model, example))
@@ -191,3 +231,25 @@ def test_the_heap_is_bounded_where_glibc_allows():
     r = run_script('-c', 'import app; print(app.steady_heap())')
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(platform.libc_ver()[0] == 'glibc')
+
+
+def test_a_broken_mistakes_file_is_one_line(tiny_run, tmp_path, capsys):
+    need_app()
+    run = tmp_path / 'run'
+    shutil.copytree(tiny_run, run)
+    (run / 'mistakes.npz').write_bytes(b'not a zip file')
+    code, err = run_here(capsys, 'app.py', '--run', run)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f'app.py: error: {run / "mistakes.npz"} is not a mistakes file ('), err
+
+
+def test_the_kept_mistakes_are_the_worst_and_their_inputs(tiny_run):
+    "mistakes.npz holds the highest-loss mistakes, highest first, with their inputs as the test pipeline makes them."
+    import torch
+    from interpret import interpret, top_misclassified
+    from run_folder import load_mistakes, load_run
+    kept, x = load_mistakes(tiny_run)
+    idx = top_misclassified(kept, 50)
+    assert np.array_equal(np.load(tiny_run / 'mistakes.npz')['idx'], idx.numpy()) and len(x) == len(idx) > 1
+    interp = interpret(load_run(tiny_run, tiny_run.parent / 'data', 'cpu'))  # the inputs do not depend on precision
+    assert torch.allclose(interp[idx][0], x, atol=1e-6)

@@ -98,6 +98,8 @@ def test_evaluate_command_records_the_numbers_once(tiny_run, tmp_path, capsys):
     run, data = shutil.copytree(tiny_run, tmp_path / 'run'), tiny_run.parent / 'data'
     recorded = json.loads((run / 'config.json').read_text())['test_metrics']
     (run / 'calibration.png').unlink()
+    kept = np.load(run / 'mistakes.npz')  # run.py's, in the run's own precision
+    (run / 'mistakes.npz').unlink()  # as a run made before runs kept it
     r = run_script('experiments/evaluate.py', '--run', run, '--data', data)
     assert r.returncode == 0, r.stderr
     m = json.loads((run / 'config.json').read_text())['test_metrics']
@@ -107,11 +109,16 @@ def test_evaluate_command_records_the_numbers_once(tiny_run, tmp_path, capsys):
         and 'cores' in m['device_name']
     assert f'{100 * m["test_acc_tta"]:.2f}% with mirror TTA' in r.stdout
     assert Image.open(run / 'calibration.png').size[0] >= 400
+    # The app's gallery file, as run.py writes it: the same images, labels and worst mistakes (in the same precision).
+    again = np.load(run / 'mistakes.npz')
+    assert sorted(again.files) == sorted(kept.files)
+    for k in ('vocab', 'targs', 'decoded', 'idx'): assert np.array_equal(again[k], kept[k]), k
+    assert np.allclose(again['preds'], kept['preds'], atol=1e-5) and np.allclose(again['x'], kept['x'], atol=1e-6)
     assert run_here(capsys, 'experiments/evaluate.py', '--run', run, '--data', data)[0] in (0, None)
     report = (run / 'report.md').read_text()
     assert report.count('## Final test evaluation') == report.count('<!-- evaluation -->') == 1  # replaced, not added
     (run / 'calibration.png').unlink()
-    before = {f: (run / f).read_bytes() for f in ('config.json', 'report.md')}
+    before = {f: (run / f).read_bytes() for f in ('config.json', 'report.md', 'mistakes.npz')}
     assert run_here(capsys, 'experiments/evaluate.py', '--run', run, '--data', data, '--dry-run')[0] in (0, None)
     # --dry-run writes nothing: no figure drawn again, config.json (its timing too) and report.md untouched.
     assert not (run / 'calibration.png').exists() and all((run / f).read_bytes() == b for f, b in before.items())

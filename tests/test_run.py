@@ -8,10 +8,11 @@ from PIL import Image
 from arch import custom_resnet
 from conftest import run_here, run_script
 from lrfind import from_curve
+from run_folder import load_mistakes
 
 FILES = ['metrics.csv', 'lr_find.json', 'lr_find.png', 'schedule.csv', 'schedule.png', 'curves.png', 'model.pth',
          'export.pkl', 'summary.txt', 'config.json', 'report.md', 'misclassified.png', 'confusion.png',
-         'receptive_field.png', 'receptive_field.json', 'examples', 'calibration.png']
+         'receptive_field.png', 'receptive_field.json', 'examples', 'calibration.png', 'mistakes.npz']
 
 
 def check_run_folder(out, epochs, finder=True):
@@ -58,6 +59,14 @@ def check_run_folder(out, epochs, finder=True):
     assert final['nll'] == pytest.approx(float(rows[-1]['test_loss']), rel=1e-3) and 0 <= final['ece'] <= 1
     assert final['n_images'] == config['n_test']
     assert 0 <= final['test_acc_tta'] <= 1 and 'evaluate' in config['seconds']
+    # What the app's misclassified gallery reads instead of the data set: every test image's prediction (those of the
+    # last epoch, the same tolerance as above), and the inputs of the worst mistakes.
+    kept, worst = load_mistakes(out)
+    assert kept.preds.shape == (config['n_test'], len(classes)) and torch.equal(kept.decoded, kept.preds.argmax(1))
+    acc = (kept.decoded == kept.targs).float().mean().item()
+    assert acc == pytest.approx(float(rows[-1]['test_acc']), abs=1.01 / config['n_test'])
+    assert worst.shape == (min(50, int((kept.decoded != kept.targs).sum())), 3, 32, 32)
+    assert (out / 'mistakes.npz').stat().st_size < 2e6
     assert '## Final test evaluation' in report
     assert f"| accuracy, mirror TTA | {100 * final['test_acc_tta']:.2f}% |" in report
     return rows, config

@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 R, T, P = 'tests/test_recipe.py::', 'tests/test_reliability.py::', 'tests/test_predict.py::'
 E = 'tests/test_evaluate.py::'
 I, L = 'tests/test_imports.py::', 'tests/test_lint.py::'
+S = 'tests/test_app_server.py::'
 
 # (what the break does, file, text, replacement, the test that should fail)
 BREAKS = [
@@ -131,6 +132,20 @@ BREAKS = [
     ('ruff without pyflakes', 'pyproject.toml', 'select = ["F", "E501"]', 'select = ["E501"]',
      L + 'test_the_configuration_catches_what_it_is_for'),
     ('an unused import', 'rng.py', 'import random\n', 'import os, random\n', L + 'test_ruff_check_passes'),
+    # The misclassified gallery from the run's own small file, with no data set.
+    ('the app ignores mistakes.npz', 'app.py', '    interp, worst = load_mistakes(run) or (None, None)\n',
+     '    interp, worst = None, None\n',
+     S + 'test_without_the_data_set_it_classifies_and_shows_the_mistakes_the_run_kept'),
+    ('a run keeps no mistakes.npz', 'experiments/run.py', "    save_mistakes(interp, out / 'mistakes.npz')", '    pass',
+     'tests/test_run.py::test_run_on_a_tiny_folder_leaves_every_file'),
+    ('the first 50 mistakes kept, not the worst', 'interpret.py', '    idx = top_misclassified(interp, k)\n',
+     '    idx = torch.nonzero(interp.decoded != interp.targs).flatten()[:k]\n',
+     S + 'test_the_kept_mistakes_are_the_worst_and_their_inputs'),
+    ('a broken mistakes.npz is a traceback', 'run_folder.py',
+     '    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:', '    except ZeroDivisionError as e:',
+     S + 'test_a_broken_mistakes_file_is_one_line'),
+    ('evaluate.py writes no mistakes.npz', 'experiments/evaluate.py', "mistakes=None if dry_run else run / 'mistakes.npz')",
+     'mistakes=None)', E + 'test_evaluate_command_records_the_numbers_once'),
 ]
 
 
