@@ -144,8 +144,9 @@ BREAKS = [
     ('a broken mistakes.npz is a traceback', 'run_folder.py',
      '    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:', '    except ZeroDivisionError as e:',
      S + 'test_a_broken_mistakes_file_is_one_line'),
-    ('evaluate.py writes no mistakes.npz', 'experiments/evaluate.py', "mistakes=None if dry_run else run / 'mistakes.npz')",
-     'mistakes=None)', E + 'test_evaluate_command_records_the_numbers_once'),
+    ('evaluate.py writes no mistakes.npz', 'experiments/evaluate.py',
+     "mistakes=None if dry_run else run / 'mistakes.npz')", 'mistakes=None)',
+     E + 'test_evaluate_command_records_the_numbers_once'),
 ]
 
 
