@@ -119,5 +119,6 @@ def evaluate_run(run, data, state=None, device='cpu', precision=None, bs=None, t
     ev = evaluate(learn, tta=tta)
     ev.metrics['precision'] = precision
     # `mistakes`: also write the app's gallery file there, as run.py does at the end of a run (one more pass).
-    if mistakes: save_mistakes(interpret(learn), mistakes)
+    if mistakes:
+        with learn.no_bar(): save_mistakes(interpret(learn), mistakes)
     return ev
