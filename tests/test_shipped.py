@@ -56,3 +56,16 @@ def test_the_weights_file_is_small_and_half_precision():
     state = torch.load(SHIPPED / 'model.pth', map_location='cpu')
     assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float16}
     assert (SHIPPED / 'model.pth').stat().st_size <= 30e6
+
+
+def test_the_shipped_run_keeps_its_mistakes_for_the_app():
+    "mistakes.npz, which the app's gallery reads from a fresh clone: the shipped model's 10,000 predictions, 50 worst."
+    from interpret import top_misclassified
+    from run_folder import load_mistakes
+    kept, worst = load_mistakes(SHIPPED)
+    assert kept.preds.shape == (10_000, 10)
+    assert list(kept.vocab) == json.loads((SHIPPED / 'config.json').read_text())['classes']
+    acc = (kept.decoded == kept.targs).float().mean().item()
+    assert abs(acc - read_csv(SHIPPED / 'metrics.csv')[-1]['test_acc']) <= 0.001, acc
+    assert worst.shape == (50, 3, 32, 32) and len(top_misclassified(kept, 50)) == 50
+    assert (SHIPPED / 'mistakes.npz').stat().st_size < 1e6
