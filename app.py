@@ -33,17 +33,17 @@ CSS = '#prediction .confidence { display: none; }'
 
 def load(run=None, data=None, device='cpu', max_file_mb=MAX_FILE_MB, max_images=MAX_IMAGES, max_pixels=MAX_PIXELS,
          tta=False):
-    "What the app needs to start: the run's model, classes, headline and example images; no data set."
+    "What the app needs to start: the run's model, classes, headline, examples and kept mistakes; no data set."
     from run_folder import find_run, load_model, load_mistakes
     from report import headline
     run = find_run(run)  # one line and exit 2 for a bad --run, before any server starts
     for f in ('metrics.csv',):
         if not (run / f).exists(): raise UsageError(f'run folder {run} has no {f}; did its training finish?')
     model, classes = load_model(run, device, data)
-    # run.py saves ten test images in the run folder, so classifying needs nothing else; the 60,000 images are
-    # read only when someone asks for the misclassified ones (`mistakes_interp`).
+    # run.py saves ten test images in the run folder, so classifying needs nothing else; the misclassified gallery
+    # reads the run's mistakes.npz, or for a run made before runs kept it, the test set (`mistakes_interp`).
     examples = [str(p) for p in sorted((run / 'examples').glob('*.png'))]
-    # The misclassified gallery from what the run kept (mistakes.npz, 1 MB): no data set and no pass over it.
+    # The misclassified gallery from what the run kept (mistakes.npz, under 1 MB): no data set, no pass over it.
     interp, worst = load_mistakes(run) or (None, None)
     return SimpleNamespace(run=run, model=model, classes=classes, headline=headline(run), examples=examples,
                            examples_dir=str(run / 'examples'), data=data, device=device, max_file_mb=max_file_mb,
