@@ -1,4 +1,4 @@
-"""What reads a run folder: finds it, loads its model, its class names and its test images, evaluates it."""
+"""What reads a run folder: finds it, loads its model, class names, test images and kept mistakes, evaluates it."""
 import json, pickle, zipfile
 from pathlib import Path
 from types import SimpleNamespace
