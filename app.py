@@ -98,18 +98,16 @@ def mistakes_interp(st):
     with st.lock:  # a Learner is not for several threads, and one pass over the test set is enough
         if st.interp is None:  # a run made before runs kept mistakes.npz (see `load`): the test set, once
             from run_folder import load_run, run_data
-            from interpret import interpret, top_misclassified
+            from interpret import interpret, kept_mistakes
             # Batches of 128, not the run's 512: in eval mode each image's answer is the same, and the pass's peak
             # memory (which the process keeps afterwards) is a quarter.
             try: interp = interpret(load_run(st.run, run_data(st.run, st.data), st.device, bs=128))
             except UsageError as e:
                 raise refused(f'the misclassified test images need the test set: {e}; '
                               'start the app with --data DIR') from None
-            # The gallery shows at most MAX_MISTAKES: their inputs now, so that no request runs the Learner again.
-            st.worst = interp[top_misclassified(interp, MAX_MISTAKES)][0]
-            # What the gallery reads of it, without the Learner and its 60,000 images, which can go now.
-            st.interp = SimpleNamespace(**{k: getattr(interp, k)
-                                           for k in ('vocab', 'preds', 'targs', 'decoded', 'losses')})
+            # What the gallery reads of it, as a run's mistakes.npz holds it: the inputs of the MAX_MISTAKES worst now,
+            # so that no request runs the Learner again, which can go with its 60,000 images.
+            st.interp, _, st.worst = kept_mistakes(interp, MAX_MISTAKES)
     return st.interp, st.worst
 
 

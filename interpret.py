@@ -1,5 +1,6 @@
 """What the model gets wrong: fastai's ClassificationInterpretation, the misclassified gallery, the confusion matrix."""
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -12,7 +13,7 @@ from matplotlib.figure import Figure
 from report import save_figure
 
 __all__ = ['interpret', 'top_misclassified', 'denorm', 'most_confused', 'plot_misclassified', 'plot_confusion',
-           'save_test_examples', 'MISTAKES', 'save_mistakes', 'ECE_BINS', 'calibration_bins',
+           'save_test_examples', 'MISTAKES', 'kept_mistakes', 'save_mistakes', 'ECE_BINS', 'calibration_bins',
            'expected_calibration_error', 'plot_reliability']
 
 ECE_BINS = 15  # Guo et al. 2017's equal-width bins on the top class's probability
@@ -104,15 +105,22 @@ def save_test_examples(dl, folder, n=10):
     return paths
 
 
+def kept_mistakes(interp, k=MISTAKES):
+    "What the misclassified gallery reads of `interp`, without its Learner: `(fields, idx, x)`, x its `k` worst inputs."
+    idx = top_misclassified(interp, k)
+    x = interp[idx][0] if len(idx) else torch.zeros(0, 3, 32, 32)  # the inputs as the test pipeline makes them
+    fields = SimpleNamespace(**{f: getattr(interp, f) for f in ('vocab', 'preds', 'targs', 'decoded', 'losses')})
+    return fields, idx, x
+
+
 def save_mistakes(interp, file, k=MISTAKES):
     "The test set's predictions and the inputs of its `k` highest-loss mistakes, in one small file (`load_mistakes`)."
     # What the app's misclassified gallery reads, so that it needs neither the data set nor a pass over it: for
     # CIFAR-10's 10,000 test images, 630 KB.
-    idx = top_misclassified(interp, k)
-    x = interp[idx][0] if len(idx) else torch.zeros(0, 3, 32, 32)  # the inputs as the test pipeline makes them
-    np.savez_compressed(file, vocab=np.array([str(v) for v in interp.vocab]), preds=interp.preds.float().numpy(),
-                        targs=interp.targs.numpy(), decoded=interp.decoded.numpy(),
-                        losses=interp.losses.float().numpy(), idx=idx.numpy(), x=x.float().cpu().numpy())
+    kept, idx, x = kept_mistakes(interp, k)
+    np.savez_compressed(file, vocab=np.array([str(v) for v in kept.vocab]), preds=kept.preds.float().numpy(),
+                        targs=kept.targs.numpy(), decoded=kept.decoded.numpy(),
+                        losses=kept.losses.float().numpy(), idx=idx.numpy(), x=x.float().cpu().numpy())
     return file
 
 

@@ -174,7 +174,7 @@ def test_without_the_data_set_it_classifies_and_shows_the_mistakes_the_run_kept(
 
 
 def test_a_run_without_mistakes_npz_needs_the_data_set_for_the_gallery(tiny_run, tmp_path, monkeypatch, model):
-    "A run made before runs kept mistakes.npz, alone: images classify, the gallery says why it can't answer."
+    "A run made before runs kept mistakes.npz, alone: images classify, the gallery says why not; --data: it answers."
     need_app()
     from app import serving
     run = copy_without_data(tiny_run, tmp_path, monkeypatch, drop=['mistakes.npz'])
@@ -184,6 +184,10 @@ def test_a_run_without_mistakes_npz_needs_the_data_set_for_the_gallery(tiny_run,
         with pytest.raises(AppError, match='the misclassified test images need the test set'):
             mistakes(api, 5, 'layer3')
         assert same(classify(api, example, 'layer2', PREDICTED)[0], expect(model, example))
+    # With --data it reads the test set once (interpret.kept_mistakes, as run.py's file) and answers.
+    with serving(run, log=tmp_path / 'app-data.log', args=['--data', tiny_run.parent / 'data']) as s:
+        got = [caption for caption, _ in mistakes(Api(s.url), 5, 'layer3')]
+    assert len(got) == 5 and all(c.startswith('true c') for c in got), got
 
 
 def test_with_tta_it_answers_with_mirror_tta(tiny_run, tmp_path, model):
