@@ -18,7 +18,7 @@ PRECISIONS = ('native', 'fp32', 'bf16')
 
 
 def evaluate_folder(run=None, data=None, device='cpu', precision='native', dry_run=False):
-    "Evaluate a run's model.pth on its test images; write the numbers (config.json), calibration.png, mistakes.npz."
+    "Evaluate a run's model.pth on its test images; write config.json, report.md, calibration.png and mistakes.npz."
     if precision not in PRECISIONS:
         raise UsageError(f'--precision must be one of {", ".join(PRECISIONS)}, got {precision!r}')
     run = find_run(run)  # cams.py's: one line for a missing folder, config.json or model.pth

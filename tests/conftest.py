@@ -86,8 +86,8 @@ def run_here(capsys, script, *args):
     return code, capsys.readouterr().err
 
 
-def run_script(*args, timeout=600):
-    "Run a script of the suite as a user would, in a fresh process; returns the CompletedProcess."
-    env = {**os.environ, 'PYTHONWARNINGS': 'ignore::FutureWarning'}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+def run_script(*args, timeout=600, cwd=ROOT, env=None):
+    "Run a script of the suite as a user would, in a fresh process (in `cwd`, with `env` added); the CompletedProcess."
+    env = {**os.environ, 'PYTHONWARNINGS': 'ignore::FutureWarning', **(env or {})}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env)

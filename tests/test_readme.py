@@ -1,10 +1,8 @@
 """The Python blocks of the README and docs/ run as written, on a tiny folder or a tiny run, so they cannot rot."""
-import os, subprocess, sys
-
 import numpy as np
 from PIL import Image
 
-from conftest import ROOT, need_app
+from conftest import ROOT, need_app, run_script
 
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 # Every ```python block of the README and docs/, by (page, the heading above it), and the test here that runs it.
@@ -62,9 +60,7 @@ def run_snippet(code, folder):
     # As docs/development.md says to use the Python API from elsewhere; the data/ folder is the one that once made
     # `import data` find a namespace package instead of data.py.
     (folder / 'data').mkdir(exist_ok=True)
-    env = {**os.environ, 'PYTHONPATH': str(ROOT), 'PYTHONWARNINGS': 'ignore::FutureWarning'}
-    r = subprocess.run([sys.executable, '-c', f'import matplotlib; matplotlib.use("Agg")\n{code}'], cwd=folder,
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = run_script('-c', f'import matplotlib; matplotlib.use("Agg")\n{code}', cwd=folder, env={'PYTHONPATH': str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
     return dict(zip(*[iter(r.stdout.split('\n')[-2].split())] * 2))
 
