@@ -219,15 +219,17 @@ def offline():
 
 
 @contextmanager
-def serving(run, port=None, timeout=300, log=None, args=()):
-    "Run `python app.py --run run [args]` on 127.0.0.1 (default a free port); yields (URL, process, seconds to answer)."
+def serving(run, port=None, timeout=300, log=None, args=(), app=ROOT / 'app.py', python=sys.executable):
+    "`python app.py [--run run] [args]` on 127.0.0.1 (default a free port); yields (URL, process, seconds to answer)."
+    # The port and host go in the environment, as a Space gives them, so that `run=None` starts the app with no flags
+    # in its own folder (tests/test_space.py serves a Space folder so).
     if port is None:
         with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     url, out = f'http://127.0.0.1:{port}/', open(log or os.devnull, 'w')
+    env = {**os.environ, 'GRADIO_SERVER_NAME': '127.0.0.1', 'GRADIO_SERVER_PORT': str(port)}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / 'app.py'), '--run', str(run), '--port', str(port),
-                             *map(str, args)],
-                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([str(python), str(app), *(['--run', str(run)] if run else []), *map(str, args)],
+                            cwd=Path(app).parent, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
         while True:
