@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 R, T, P = 'tests/test_recipe.py::', 'tests/test_reliability.py::', 'tests/test_predict.py::'
 E = 'tests/test_evaluate.py::'
 I, L = 'tests/test_imports.py::', 'tests/test_lint.py::'
-S = 'tests/test_app_server.py::'
+S, H = 'tests/test_app_server.py::', 'tests/test_space.py::'
 
 # (what the break does, file, text, replacement, the test that should fail)
 BREAKS = [
@@ -148,6 +148,19 @@ BREAKS = [
     ('evaluate.py writes no mistakes.npz', 'experiments/evaluate.py',
      "mistakes=None if dry_run else run / 'mistakes.npz')", 'mistakes=None)',
      E + 'test_evaluate_command_records_the_numbers_once'),
+    ('the Space lacks a module app.py imports', 'tools/space.py', '        modules = app_modules()\n',
+     "        modules = [m for m in app_modules() if m != 'rng']\n",
+     H + 'test_the_space_holds_the_app_its_modules_pins_and_run'),
+    ('the Space holds a module app.py does not import', 'tools/space.py', '        modules = app_modules()\n',
+     "        modules = app_modules() + ['callbacks']\n", H + 'test_the_space_holds_the_app_its_modules_pins_and_run'),
+    ('the Space pins only the direct requirements', 'tools/space.py',
+     '        requirements = locked(app_requirements(), versions)\n',
+     '        requirements = {r.name: versions[canonicalize_name(r.name)] for r in app_requirements()}\n',
+     H + 'test_the_space_holds_the_app_its_modules_pins_and_run'),
+    ('the run outside the Space\'s runs/', 'tools/space.py', "dest = out / 'runs' / run.name", 'dest = out / run.name',
+     H + 'test_the_space_serves_with_no_flags_and_no_data'),
+    ('space.py writes into a full folder', 'tools/space.py', '(not out.is_dir() or any(out.iterdir()))',
+     'not out.is_dir()', H + 'test_its_errors_are_one_line'),
 ]
 
 
