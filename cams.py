@@ -54,7 +54,7 @@ from arch import BLOCKS  # noqa: E402
 from interpret import denorm, interpret, top_misclassified  # noqa: E402
 from predict import eval_mode, network_view, predict, read_image, to_input  # noqa: E402
 from report import marked, put_section, save_figure  # noqa: E402
-from run_folder import find_run, load_model, load_run  # noqa: E402
+from run_folder import find_run, load_model, load_run, run_data  # noqa: E402
 
 
 def _overlay(ax, img, cam, title):
@@ -188,6 +188,48 @@ def draw_image(model, view, shown, classes, layer, title, file):
     except OSError as e: raise UsageError(f'cannot write {file} ({e.strerror or e}); pass --out DIR') from None
 
 
+def evaluate_explanations(run=None, n=500, data=None, device=None, out=None, seed=0):
+    "Score a run's explanations (cam_eval.py) on `n` class-balanced test images; writes cam_eval.json, .csv and .png."
+    import cam_eval
+    from data import load_arrays
+    from precision import device_name
+    cam_eval._library()  # the extra's one-line error before any work
+    if n < 2: raise UsageError(f'--n must be at least 2 for --evaluate, got {n}')
+    run = find_run(run)
+    out = Path(out) if out else run
+    out.mkdir(parents=True, exist_ok=True)
+    model, classes = load_model(run, device, data)
+    folder = run_data(run, data)
+    data_classes, arrays = load_arrays(folder, verbose=False)
+    if list(data_classes) != list(classes):
+        raise UsageError(f'{folder} has classes {data_classes}, the run {classes}; pass --data DIR, the run\'s data')
+    images, labels = arrays['test']
+    if n > len(labels): raise UsageError(f'--n {n} is more than the {len(labels)} test images in {folder}')
+    idx = cam_eval.balanced_order(labels, n, len(classes), seed)
+    dev = next(model.parameters()).device
+    where = device_name(dev)
+    k = min(n, 100)
+    print(f'cams.py: scoring the explanations of {run} on {n} class-balanced test images (ROAD and the sanity checks '
+          f'on {k}), every method and baseline at {", ".join(BLOCKS)}; {where}, fp32 channels-last', flush=True)
+    r = cam_eval.evaluate_cams(model, cam_eval.inputs(images[idx]).to(dev), torch.as_tensor(labels[idx]), BLOCKS,
+                               n_road=k, n_sanity=k, seed=seed)
+    from importlib.metadata import version
+    r.update(run=str(run), device=where, precision='fp32', versions={'torch': torch.__version__,
+                                                                   'grad-cam': version('grad-cam')})
+    files = cam_eval.write_results(r, out, run.name)
+    s = r['seconds']
+    print(f'cams.py: {s["total"]:.0f} s: maps {s["maps"]:.0f} s, deletion and insertion '
+          f'{s["deletion_insertion"]:.0f} s, ROAD {s["road"]:.0f} s, sanity checks {s["sanity"]:.0f} s, '
+          f'Score-CAM timed {s["score_cam_measured"]:.0f} s',
+          flush=True)
+    cost = r['score_cam_seconds_per_image']
+    print('cams.py: Score-CAM left out: ' + ', '.join(f'{b} {c:.2f} s' for b, c in cost.items())
+          + f' per image, {sum(cost.values()) * n / 60:.0f} min more for {n} images', flush=True)
+    print(f'cams.py: {r["verdict"]}', flush=True)
+    print(f'cams.py: wrote {", ".join(f.name for f in files)} and a section of report.md in {out}', flush=True)
+    return files
+
+
 # ---- pictures for a front end (app.py): arrays, not figures ---------------------------------------------------
 
 def cam_overlay(img, cam=None, opacity=0.45, scale=1):
@@ -226,7 +268,7 @@ def misclassified_cams(model, interp, n, layer='layer3', x=None):
 
 # Last in the file: when run as a script, `call_parse` calls `main` as soon as it is decorated.
 @call_parse
-def main(n: int = 10,                        # how many misclassified test images to explain
+def main(n: int = None,                      # misclassified test images to explain (10), or to --evaluate on (500)
          run: str = None,                    # run folder (default: the newest under runs/)
          layer: str = 'layer3',              # block to explain: layer3 (4×4), layer2 (8×8), layer1 (16×16) or prep
          out: str = None,                    # where the figures go (default: the run folder; for --image, beside each)
@@ -237,12 +279,19 @@ def main(n: int = 10,                        # how many misclassified test image
          image: Annotated[str, {'action': 'extend', 'nargs': '+'}] = None,
          target: str = None,                 # with --image: also draw the Grad-CAM of this class
          # with --image: mirror TTA, the mean of each image's and its mirror's logits
-         tta: store_true = False):
-    "Draw Grad-CAM for a training run's misclassified test images, or top-3 classes and Grad-CAM for --image files."
+         tta: store_true = False,
+         # score the explanations instead: every CAM method and baseline at every block (the [cams] extra)
+         evaluate: store_true = False):
+    "Grad-CAM of a run's misclassified test images, or of --image files; --evaluate: how faithful the maps are."
     with user_errors('cams.py'):
+        if evaluate:
+            if image or compare_layers or target or tta or layer != 'layer3':
+                raise UsageError('--evaluate scores every block on the test set; it takes --n, --run, --out, --data, '
+                                 '--device')
+            return evaluate_explanations(run, 500 if n is None else n, data, device, out)
         if image:
             if compare_layers: raise UsageError('--compare-layers is for a run\'s test images, not --image')
             return explain_images(image, run, layer, target, out, data, device, tta)
         if target is not None: raise UsageError('--target needs --image')
         if tta: raise UsageError('--tta is for --image; a run\'s mirror-TTA accuracy: python experiments/evaluate.py')
-        explain(run, n, layer, out, compare_layers, data, device)
+        explain(run, 10 if n is None else n, layer, out, compare_layers, data, device)
