@@ -52,7 +52,9 @@ def _library_cams(name, model, x, layers, target):
         with contextlib.redirect_stderr(io.StringIO()):  # Score-CAM's tqdm bar for every batch
             maps = cam.compute_cam_per_layer(x, targets, False)
     model.zero_grad(set_to_none=True)  # the library leaves .grad on the weights
-    return [torch.from_numpy(m[:, 0]).float() for m in maps]
+    # The library scales each layer's map to [0, 1] before resizing it and once more after (aggregate_multi_layers):
+    # the second scaling, here, makes the maps those of a call with that layer alone.
+    return [_unit(torch.from_numpy(m[:, 0]).float()) for m in maps]
 
 
 def cam_maps(method, model, x, blocks, target):
@@ -262,13 +264,15 @@ def _score_cam_cost(model, x, target, blocks):
     return cost
 
 
-def evaluate_cams(model, x, y, blocks, methods=METHODS, n_road=100, n_sanity=100, chunk=50, seed=0, say=print,
-                  score_cam_images=4):
+def evaluate_cams(model, x, blocks, methods=METHODS, n_road=100, n_sanity=100, chunk=50, seed=0, say=print,
+                  score_cam_images=2):
     "Deletion, insertion and ROAD of every method and baseline at every block, and the sanity checks: a dict."
+    # The explained class is the predicted one, so the labels are not needed.
     from fastprogress.fastprogress import progress_bar
     times, n = {}, len(x)
     t0 = time.perf_counter()
-    model = model.eval().to(memory_format=torch.channels_last)
+    model = model.eval().to(memory_format=torch.channels_last)  # in place: the forward passes' fastest layout here
+    with torch.no_grad(): n_classes = model(x[:1].to(next(model.parameters()).device)).shape[1]
     target = probabilities_argmax(model, x)
     res = _resolutions(model, blocks)
     names = [*methods, *BASELINES]
@@ -312,7 +316,7 @@ def evaluate_cams(model, x, y, blocks, methods=METHODS, n_road=100, n_sanity=100
     curves = {key: torch.cat(v, 1).numpy() for key, v in curves.items()}  # 2 × N × (STEPS+1)
     t = time.perf_counter()
     k = min(n, n_sanity)
-    cascade, classes = _sanity(model, x[:k], target[:k], blocks, methods, int(y.max()) + 1, seed)
+    cascade, classes = _sanity(model, x[:k], target[:k], blocks, methods, n_classes, seed)
     times['sanity'] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     score_cam = _score_cam_cost(model, x[:score_cam_images], target[:score_cam_images], blocks)

@@ -211,8 +211,7 @@ def evaluate_explanations(run=None, n=500, data=None, device=None, out=None, see
     k = min(n, 100)
     print(f'cams.py: scoring the explanations of {run} on {n} class-balanced test images (ROAD and the sanity checks '
           f'on {k}), every method and baseline at {", ".join(BLOCKS)}; {where}, fp32 channels-last', flush=True)
-    r = cam_eval.evaluate_cams(model, cam_eval.inputs(images[idx]).to(dev), torch.as_tensor(labels[idx]), BLOCKS,
-                               n_road=k, n_sanity=k, seed=seed)
+    r = cam_eval.evaluate_cams(model, cam_eval.inputs(images[idx]).to(dev), BLOCKS, n_road=k, n_sanity=k, seed=seed)
     from importlib.metadata import version
     r.update(run=str(run), device=where, precision='fp32', versions={'torch': torch.__version__,
                                                                    'grad-cam': version('grad-cam')})

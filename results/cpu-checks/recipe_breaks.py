@@ -12,6 +12,7 @@ R, T, P = 'tests/test_recipe.py::', 'tests/test_reliability.py::', 'tests/test_p
 E = 'tests/test_evaluate.py::'
 I, L = 'tests/test_imports.py::', 'tests/test_lint.py::'
 S, H = 'tests/test_app_server.py::', 'tests/test_space.py::'
+C = 'tests/test_cam_eval.py::'
 
 # (what the break does, file, text, replacement, the test that should fail)
 BREAKS = [
@@ -161,6 +162,29 @@ BREAKS = [
      H + 'test_the_space_serves_with_no_flags_and_no_data'),
     ('space.py writes into a full folder', 'tools/space.py', '(not out.is_dir() or any(out.iterdir()))',
      'not out.is_dir()', H + 'test_its_errors_are_one_line'),
+    ('deletion removes the lowest-ranked pixels first', 'cam_eval.py', '(-flat.gather(1, perm)).argsort(dim=1',
+     '(flat.gather(1, perm)).argsort(dim=1', C + 'test_deletion_and_insertion_rank_the_evidence_first'),
+    ('deletion dims the pixels instead of removing them', 'cam_eval.py',
+     'deleted = torch.where(first, torch.zeros_like(x), x[None])',
+     'deleted = torch.where(first, 0.9 * x[None], x[None])',
+     C + 'test_deletion_and_insertion_rank_the_evidence_first'),
+    ('insertion starts from the image, not the blurred one', 'cam_eval.py',
+     'inserted = torch.where(first, x[None], blurred[None])', 'inserted = torch.where(first, x[None], x[None])',
+     C + 'test_deletion_and_insertion_rank_the_evidence_first'),
+    ('the area under a curve from its right ends only', 'cam_eval.py',
+     'return ((curve[:, 1:] + curve[:, :-1]) / 2).mean(1)', 'return curve[:, 1:].mean(1)',
+     C + 'test_the_curves_start_and_end_where_they_should'),
+    ('ROAD with MoRF and LeRF swapped', 'cam_eval.py', 'for metric in (ROADLeastRelevantFirst, ROADMostRelevantFirst)',
+     'for metric in (ROADMostRelevantFirst, ROADLeastRelevantFirst)', C + 'test_road_ranks_the_evidence_first'),
+    ('randomization that re-initializes nothing', 'cam_eval.py',
+     'if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)): mod.reset_parameters()',
+     'if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)): pass',
+     C + 'test_the_sanity_check_tells_sobel_edges_from_gradcam'),
+    ('Spearman on the values, not their ranks', 'cam_eval.py',
+     'torch.from_numpy(rankdata(m.flatten(1).numpy(), axis=1)).double()', 'm.flatten(1).double()',
+     C + 'test_spearman'),
+    ('Grad-CAM without its ReLU', 'cams.py', 'cam = F.relu((weights * a).sum(1, keepdim=True))',
+     'cam = (weights * a).sum(1, keepdim=True)', C + 'test_our_gradcam_is_pytorch_grad_cams'),
 ]
 
 
