@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from cams import gradcam
 
 __all__ = ['METHODS', 'BASELINES', 'CASCADE', 'cam_maps', 'random_maps', 'gaussian_maps', 'sobel_maps', 'blur',
-           'perturbation_curves', 'auc', 'road', 'spearman', 'randomized', 'bootstrap', 'evaluate_cams']
+           'probabilities', 'perturbation_curves', 'auc', 'road', 'spearman', 'randomized', 'bootstrap',
+           'balanced_order', 'inputs', 'evaluate_cams', 'sanity_verdicts', 'verdict', 'failures', 'write_results',
+           'plot_results']
 
 # Ours, then pytorch-grad-cam's (the [cams] extra): four gradient methods and one that reads activations only.
 METHODS = ('gradcam', 'gradcam++', 'layercam', 'hirescam', 'eigencam')

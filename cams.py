@@ -219,8 +219,7 @@ def evaluate_explanations(run=None, n=500, data=None, device=None, out=None, see
     s = r['seconds']
     print(f'cams.py: {s["total"]:.0f} s: maps {s["maps"]:.0f} s, deletion and insertion '
           f'{s["deletion_insertion"]:.0f} s, ROAD {s["road"]:.0f} s, sanity checks {s["sanity"]:.0f} s, '
-          f'Score-CAM timed {s["score_cam_measured"]:.0f} s',
-          flush=True)
+          f'Score-CAM timed {s["score_cam_measured"]:.0f} s', flush=True)
     cost = r['score_cam_seconds_per_image']
     print('cams.py: Score-CAM left out: ' + ', '.join(f'{b} {c:.2f} s' for b, c in cost.items())
           + f' per image, {sum(cost.values()) * n / 60:.0f} min more for {n} images', flush=True)
