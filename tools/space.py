@@ -114,8 +114,8 @@ def main(run: str = None,  # run folder (default: the newest finished one under 
         if not (run / 'mistakes.npz').exists():
             raise UsageError(f'{run} has no mistakes.npz, and a Space has no test set for the misclassified gallery; '
                              f'write it first: python experiments/evaluate.py --run {run}')
-        for f in ('metrics.csv',):
-            if not (run / f).exists(): raise UsageError(f'run folder {run} has no {f}; did its training finish?')
+        if not (run / 'metrics.csv').exists():
+            raise UsageError(f'run folder {run} has no metrics.csv; did its training finish?')
         versions = pins()
         requirements = locked(app_requirements(), versions)
         modules = app_modules()
