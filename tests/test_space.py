@@ -77,7 +77,8 @@ def serve_and_ask(space, alone, python, log):
     example = sorted((space / 'runs' / alone.name / 'examples').glob('*.png'))[0]
     from predict import predict
     expected = [(p.label, p.prob) for p in predict(net, example, classes, k=3)]
-    os.environ['CIFAR10_DIR'] = str(alone.parent / 'also-gone')  # no data set anywhere
+    before = os.environ.get('CIFAR10_DIR')
+    os.environ['CIFAR10_DIR'] = str(alone.parent / 'also-gone')  # no data set anywhere, for the server
     try:
         from app import serving
         with serving(None, log=log, app=space / 'app.py', python=python) as s:
@@ -86,7 +87,9 @@ def serve_and_ask(space, alone, python, log):
             t_classify, t = time.perf_counter() - t, time.perf_counter()
             got = [caption for caption, _ in mistakes(api, 5, 'layer3')]
             t_gallery = time.perf_counter() - t
-    finally: os.environ.pop('CIFAR10_DIR')
+    finally:  # the other tests' data set back as it was
+        if before is None: os.environ.pop('CIFAR10_DIR')
+        else: os.environ['CIFAR10_DIR'] = before
     assert same(top, expected), (top, expected)
     assert got == want, (got, want)
     assert f'serving {space / "runs" / alone.name} at' in Path(log).read_text()  # the Space's copy of the run
