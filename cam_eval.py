@@ -6,10 +6,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cams import gradcam
+from cams import gradcam, unit_scale
+from interpret import denorm
 
 __all__ = ['METHODS', 'BASELINES', 'CASCADE', 'cam_maps', 'random_maps', 'gaussian_maps', 'sobel_maps', 'blur',
-           'probabilities', 'perturbation_curves', 'auc', 'road', 'spearman', 'randomized', 'bootstrap',
+           'logits', 'probabilities', 'perturbation_curves', 'auc', 'road', 'spearman', 'randomized', 'bootstrap',
            'balanced_order', 'inputs', 'evaluate_cams', 'sanity_verdicts', 'verdict', 'failures', 'write_results',
            'plot_results']
 
@@ -56,7 +57,7 @@ def _library_cams(name, model, x, layers, target):
     model.zero_grad(set_to_none=True)  # the library leaves .grad on the weights
     # The library scales each layer's map to [0, 1] before resizing it and once more after (aggregate_multi_layers):
     # the second scaling, here, makes the maps those of a call with that layer alone.
-    return [_unit(torch.from_numpy(m[:, 0]).float()) for m in maps]
+    return [unit_scale(torch.from_numpy(m[:, 0]).float()) for m in maps]
 
 
 def cam_maps(method, model, x, blocks, target):
@@ -66,39 +67,26 @@ def cam_maps(method, model, x, blocks, target):
     return dict(zip(blocks, _library_cams(method, model, x, [model.get_submodule(b) for b in blocks], target)))
 
 
-def _unit(maps):
-    "Each map scaled to [0, 1]; a flat map stays flat at 0."
-    lo, hi = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
-    return torch.where(hi > lo, (maps - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(maps))
-
-
 def random_maps(n, res, size=32, seed=0):
     "Uniform noise at a block's own res×res, upsampled as the CAMs are: as blurry as that block's maps."
     noise = torch.rand(n, 1, res, res, generator=torch.Generator().manual_seed(seed))
-    return _unit(F.interpolate(noise, size=(size, size), mode='bilinear', align_corners=False)[:, 0])
+    return unit_scale(F.interpolate(noise, size=(size, size), mode='bilinear', align_corners=False)[:, 0])
 
 
 def gaussian_maps(n, size=32, sigma=8.):
     "A Gaussian centred on the image: 'the object is in the middle', which CIFAR's photos often are."
     r = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
     g = torch.exp(-(r[:, None] ** 2 + r[None] ** 2) / (2 * sigma ** 2))
-    return _unit(g.expand(n, size, size).clone())
-
-
-def _images(x):
-    "Normalized inputs back to [0, 1] RGB."
-    from fastai.vision.core import cifar_stats
-    mean, std = (torch.tensor(s).view(1, 3, 1, 1) for s in cifar_stats)
-    return (x.cpu().float() * std + mean).clamp(0, 1)
+    return unit_scale(g.expand(n, size, size).clone())
 
 
 def sobel_maps(x):
     "The Sobel edge magnitude of each image's grey values: a map that needs no network at all."
-    grey = (_images(x) * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    grey = (torch.from_numpy(denorm(x)) * torch.tensor([0.299, 0.587, 0.114])).sum(-1)[:, None]
     k = torch.tensor([[1., 0, -1], [2, 0, -2], [1, 0, -1]])
     gx = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode='replicate'), k.view(1, 1, 3, 3))
     gy = F.conv2d(F.pad(grey, (1, 1, 1, 1), mode='replicate'), k.t().reshape(1, 1, 3, 3))
-    return _unit((gx ** 2 + gy ** 2).sqrt()[:, 0])
+    return unit_scale((gx ** 2 + gy ** 2).sqrt()[:, 0])
 
 
 def blur(x, sigma=BLUR_SIGMA):
@@ -117,13 +105,16 @@ def _order(maps, seed=0):
 
 
 @torch.no_grad()
-def probabilities(model, x, target, bs=256):
-    "The model's softmax probability of class `target[i]` for each input `x[i]`, in batches, fp32 channels-last."
-    scale = getattr(model, 'logit_scale', 1.)
+def logits(model, x, bs=256):
+    "The model's logits for inputs `x`, in batches, fp32 channels-last, on the CPU."
     dev = next(model.parameters()).device
-    out = [F.softmax(model(b.to(dev).contiguous(memory_format=torch.channels_last)).float() * scale, 1)
-           .gather(1, t.to(dev).view(-1, 1))[:, 0].cpu() for b, t in zip(x.split(bs), target.split(bs))]
-    return torch.cat(out)
+    return torch.cat([model(b.to(dev).contiguous(memory_format=torch.channels_last)).float().cpu()
+                      for b in x.split(bs)])
+
+
+def probabilities(model, x, target, bs=256):
+    "The model's softmax probability (with its `logit_scale`) of class `target[i]` for each input `x[i]`."
+    return F.softmax(logits(model, x, bs) * getattr(model, 'logit_scale', 1.), 1).gather(1, target.view(-1, 1))[:, 0]
 
 
 def perturbation_curves(model, x, maps, target, steps=STEPS, seed=0, ends=None):
@@ -274,41 +265,34 @@ def evaluate_cams(model, x, blocks, methods=METHODS, n_road=100, n_sanity=100, c
     times, n = {}, len(x)
     t0 = time.perf_counter()
     model = model.eval().to(memory_format=torch.channels_last)  # in place: the forward passes' fastest layout here
-    with torch.no_grad(): n_classes = model(x[:1].to(next(model.parameters()).device)).shape[1]
-    target = probabilities_argmax(model, x)
+    out = logits(model, x)
+    target, n_classes = out.argmax(1), out.shape[1]  # the explained class: the predicted one
     res = _resolutions(model, blocks)
     names = [*methods, *BASELINES]
-    scores = {(b, k): {'deletion': [], 'insertion': [], 'road': []} for b in blocks for k in names}
-    curves = {(b, k): [] for b in blocks for k in names}
+    # The Gaussian and Sobel maps are the same at every block: scored once, under the block '*', listed at each.
+    keys = [(b, k) for b in blocks for k in [*methods, 'random']] + [('*', k) for k in BASELINES if k != 'random']
+    scores = {key: {'deletion': [], 'insertion': [], 'road': []} for key in keys}
+    curves = {key: [] for key in keys}
     t_maps = t_road = 0.
     for start in progress_bar(range(0, n, chunk), leave=False):
         xs, ts = x[start:start + chunk], target[start:start + chunk]
         t = time.perf_counter()
-        shared = {'gaussian': gaussian_maps(len(xs)), 'sobel': sobel_maps(xs)}
         maps = _all_maps(model, xs, ts, blocks, methods, with_sobel=False)
-        for i, b in enumerate(blocks):
-            maps[(b, 'random')] = random_maps(len(xs), res[b], seed=seed * 1000 + start + i)
-            maps.update({(b, k): m for k, m in shared.items()})
+        maps.update({(b, 'random'): random_maps(len(xs), res[b], seed=seed * 1000 + start + i)
+                     for i, b in enumerate(blocks)})
+        maps.update({('*', 'gaussian'): gaussian_maps(len(xs)), ('*', 'sobel'): sobel_maps(xs)})
         t_maps += time.perf_counter() - t
         ends = [probabilities(model, v, ts) for v in (xs, torch.zeros_like(xs), blur(xs))]
-        done = {}
         for key, m in maps.items():
-            if key[1] in shared and key[1] in done:  # a baseline without a block: scored once, listed at each
-                d, i = done[key[1]]
-            else:
-                d, i = perturbation_curves(model, xs, m, ts, seed=seed + start, ends=ends)
-                done[key[1]] = d, i
+            d, i = perturbation_curves(model, xs, m, ts, seed=seed + start, ends=ends)
             scores[key]['deletion'].append(auc(d))
             scores[key]['insertion'].append(auc(i))
             curves[key].append(torch.stack([d, i]))
         k_road = max(0, min(len(xs), n_road - start))
         if k_road:
             t = time.perf_counter()
-            done = {}
             for key, m in maps.items():
-                if key[1] not in done or key[1] not in shared:
-                    done[key[1]] = road(model, xs[:k_road], m[:k_road], ts[:k_road], seed=seed + start)
-                scores[key]['road'].append(done[key[1]])
+                scores[key]['road'].append(road(model, xs[:k_road], m[:k_road], ts[:k_road], seed=seed + start))
             t_road += time.perf_counter() - t
         say(f'cams.py: {min(start + chunk, n)}/{n} images scored, {time.perf_counter() - t0:.0f} s')
     times['maps'], times['road'] = round(t_maps, 1), round(t_road, 1)
@@ -316,6 +300,9 @@ def evaluate_cams(model, x, blocks, methods=METHODS, n_road=100, n_sanity=100, c
     scores = {key: {m: torch.cat(v).numpy() if v else np.zeros(0) for m, v in d.items()} for key, d in scores.items()}
     for d in scores.values(): d['ins_minus_del'] = d['insertion'] - d['deletion']
     curves = {key: torch.cat(v, 1).numpy() for key, v in curves.items()}  # 2 × N × (STEPS+1)
+    for b in blocks:
+        for k in BASELINES:
+            if ('*', k) in scores: scores[(b, k)], curves[(b, k)] = scores[('*', k)], curves[('*', k)]
     t = time.perf_counter()
     k = min(n, n_sanity)
     cascade, classes = _sanity(model, x[:k], target[:k], blocks, methods, n_classes, seed)
@@ -325,13 +312,6 @@ def evaluate_cams(model, x, blocks, methods=METHODS, n_road=100, n_sanity=100, c
     times['score_cam_measured'] = round(time.perf_counter() - t, 1)
     times['total'] = round(time.perf_counter() - t0, 1)
     return _summary(blocks, names, scores, curves, cascade, classes, score_cam, times, n, n_road, k, seed)
-
-
-def probabilities_argmax(model, x, bs=256):
-    "The predicted class of each input."
-    with torch.no_grad():
-        return torch.cat([model(b.contiguous(memory_format=torch.channels_last)).argmax(1).cpu()
-                          for b in x.to(next(model.parameters()).device).split(bs)])
 
 
 def _stat(values, seed):

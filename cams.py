@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fastcore.script import call_parse, store_true
 from matplotlib.figure import Figure
 
-__all__ = ['gradcam', 'class_cams', 'gradcam_grid', 'cam_overlay', 'view_cam', 'misclassified_cams']
+__all__ = ['gradcam', 'unit_scale', 'class_cams', 'gradcam_grid', 'cam_overlay', 'view_cam', 'misclassified_cams']
 
 
 def gradcam(model, x, layer, target=None):
@@ -41,9 +41,13 @@ def gradcam(model, x, layer, target=None):
     weights = grads.mean((2, 3), keepdim=True)          # the gradient averaged over H and W, per channel
     cam = F.relu((weights * a).sum(1, keepdim=True))    # ReLU of the weighted sum of activations
     cam = F.interpolate(cam, size=x.shape[-2:], mode='bilinear', align_corners=False)[:, 0]
-    lo, hi = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
-    # Scale after the ReLU and the upsampling; an all-zero map (no positive evidence) stays zero, not NaN.
-    return torch.where(hi > lo, (cam - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(cam))
+    return unit_scale(cam)  # after the ReLU and the upsampling
+
+
+def unit_scale(maps):
+    "Each N×H×W map scaled to [0, 1]; a flat one (an all-zero map: no positive evidence) stays 0, not NaN."
+    lo, hi = maps.amin((1, 2), keepdim=True), maps.amax((1, 2), keepdim=True)
+    return torch.where(hi > lo, (maps - lo) / (hi - lo).clamp_min(1e-12), torch.zeros_like(maps))
 
 
 # ---- the command line: Grad-CAM for a run's highest-loss mistakes --------------------------------------------

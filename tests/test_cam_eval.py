@@ -105,7 +105,7 @@ def test_the_sanity_check_tells_sobel_edges_from_gradcam(run_model, test_inputs)
     "Sobel edges ignore the weights; Grad-CAM of the trained tiny run does not."
     pytest.importorskip('pytorch_grad_cam')
     x, _ = test_inputs
-    target = cam_eval.probabilities_argmax(run_model, x)
+    target = cam_eval.logits(run_model, x).argmax(1)
     cascade, classes = cam_eval._sanity(run_model, x, target, ['layer3'], ['gradcam'], 10, 0)
     assert all(abs(s[0] - 1) < 1e-6 for s in cascade[('layer3', 'sobel')]), cascade[('layer3', 'sobel')]
     assert cascade[('layer3', 'gradcam')][0][0] < 0.5, cascade[('layer3', 'gradcam')]   # the head alone randomized
