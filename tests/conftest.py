@@ -1,5 +1,5 @@
 """Shared fixtures: tiny image folders made on the spot, and the real CIFAR-10 unpacked once per session."""
-import os, runpy, subprocess, sys, tarfile
+import json, os, runpy, shutil, subprocess, sys, tarfile
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,15 @@ def tiny_run(tmp_path_factory):
                    '--lr-min', 0.01, '--lr-max', 0.1, '--seed', 0, '--device', 'cpu')
     assert r.returncode == 0, r.stderr
     return out
+
+
+def run_alone(run, dest, drop=()):
+    "A copy of `run` at `dest` whose recorded data folder is gone (less the files in `drop`): a run on another machine."
+    shutil.copytree(run, dest)
+    for f in drop: (dest / f).unlink()
+    config = json.loads((dest / 'config.json').read_text())
+    (dest / 'config.json').write_text(json.dumps({**config, 'data': str(dest.parent / 'gone')}))
+    return dest
 
 
 def run_here(capsys, script, *args):

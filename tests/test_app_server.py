@@ -1,13 +1,13 @@
 """app.py as a public server, over real HTTP on 127.0.0.1: each limit and odd image refused or read with its message
 while the server serves on, no cross-talk between concurrent requests, and a start without the data set."""
-import json, os, shutil, sys, time
+import os, shutil, sys, time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, need_app, run_here, run_script
+from conftest import ROOT, need_app, run_alone, run_here, run_script
 
 sys.path.insert(0, str(ROOT / 'experiments'))
 from app import PREDICTED  # noqa: E402
@@ -130,13 +130,8 @@ def test_concurrent_requests_answer_as_alone(tiny_run):
 
 def copy_without_data(run, tmp_path, monkeypatch, drop=()):
     "A copy of `run` whose data folder is gone, with no $CIFAR10_DIR either: a run folder alone on another machine."
-    copy = tmp_path / 'copied-run'
-    shutil.copytree(run, copy)
-    for f in drop: (copy / f).unlink()
-    config = json.loads((copy / 'config.json').read_text())
-    (copy / 'config.json').write_text(json.dumps({**config, 'data': str(tmp_path / 'gone')}))
     monkeypatch.setenv('CIFAR10_DIR', str(tmp_path / 'also-gone'))
-    return copy
+    return run_alone(run, tmp_path / 'copied-run', drop)
 
 
 def kept_captions(run, model, n):

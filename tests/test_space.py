@@ -1,11 +1,11 @@
 """tools/space.py: a run as a Hugging Face Space folder that serves as it is, with no flags, from its own pins."""
-import json, os, shutil, subprocess, sys, time
+import shutil, subprocess, sys, time
 from modulefinder import ModuleFinder
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, need_app, run_here, run_script
+from conftest import ROOT, need_app, run_alone, run_here, run_script
 
 sys.path.insert(0, str(ROOT / 'experiments'))
 from app import PREDICTED  # noqa: E402
@@ -15,12 +15,7 @@ from app_load import Api, classify, mistakes, same  # noqa: E402
 @pytest.fixture(scope='module')
 def alone(tiny_run, tmp_path_factory):
     "A copy of the tiny run whose data folder is gone: in a Space, the run folder is all there is."
-    root = tmp_path_factory.mktemp('space-run')
-    run = root / 'tiny-stamp'
-    shutil.copytree(tiny_run, run)
-    config = json.loads((run / 'config.json').read_text())
-    (run / 'config.json').write_text(json.dumps({**config, 'data': str(root / 'gone')}))
-    return run
+    return run_alone(tiny_run, tmp_path_factory.mktemp('space-run') / 'tiny-stamp')
 
 
 @pytest.fixture(scope='module')
@@ -67,8 +62,8 @@ def test_the_space_holds_the_app_its_modules_pins_and_run(space, alone):
     assert '*.pth filter=lfs' in (space / '.gitattributes').read_text()
 
 
-def serve_and_ask(space, alone, python, log):
-    "app.py started in `space` with no flags: both endpoints answer as the run does in-process; the seconds each took."
+def serve_and_ask(space, alone, python, log, monkeypatch):
+    "app.py started in `space` with no flags, no data set anywhere: both endpoints answer as the run does in-process."
     from cams import misclassified_cams
     from run_folder import load_mistakes, load_model
     net, classes = load_model(alone, 'cpu')
@@ -77,28 +72,23 @@ def serve_and_ask(space, alone, python, log):
     example = sorted((space / 'runs' / alone.name / 'examples').glob('*.png'))[0]
     from predict import predict
     expected = [(p.label, p.prob) for p in predict(net, example, classes, k=3)]
-    before = os.environ.get('CIFAR10_DIR')
-    os.environ['CIFAR10_DIR'] = str(alone.parent / 'also-gone')  # no data set anywhere, for the server
-    try:
-        from app import serving
-        with serving(None, log=log, app=space / 'app.py', python=python) as s:
-            api, t = Api(s.url), time.perf_counter()
-            top = classify(api, example, 'layer2', PREDICTED)[0]
-            t_classify, t = time.perf_counter() - t, time.perf_counter()
-            got = [caption for caption, _ in mistakes(api, 5, 'layer3')]
-            t_gallery = time.perf_counter() - t
-    finally:  # the other tests' data set back as it was
-        if before is None: os.environ.pop('CIFAR10_DIR')
-        else: os.environ['CIFAR10_DIR'] = before
+    monkeypatch.setenv('CIFAR10_DIR', str(alone.parent / 'also-gone'))
+    from app import serving
+    with serving(None, log=log, app=space / 'app.py', python=python) as s:
+        api, t = Api(s.url), time.perf_counter()
+        top = classify(api, example, 'layer2', PREDICTED)[0]
+        t_classify, t = time.perf_counter() - t, time.perf_counter()
+        got = [caption for caption, _ in mistakes(api, 5, 'layer3')]
+        t_gallery = time.perf_counter() - t
     assert same(top, expected), (top, expected)
     assert got == want, (got, want)
     assert f'serving {space / "runs" / alone.name} at' in Path(log).read_text()  # the Space's copy of the run
     return s.startup_s, t_classify, t_gallery
 
 
-def test_the_space_serves_with_no_flags_and_no_data(space, alone, tmp_path):
+def test_the_space_serves_with_no_flags_and_no_data(space, alone, tmp_path, monkeypatch):
     need_app()
-    startup, *_ = serve_and_ask(space, alone, sys.executable, tmp_path / 'app.log')
+    startup, *_ = serve_and_ask(space, alone, sys.executable, tmp_path / 'app.log', monkeypatch)
     assert startup < 120
 
 
@@ -117,7 +107,7 @@ def test_its_errors_are_one_line(capsys, alone, tmp_path):
 
 
 @pytest.mark.space
-def test_a_venv_of_its_requirements_alone_serves_it(space, alone, tmp_path):
+def test_a_venv_of_its_requirements_alone_serves_it(space, alone, tmp_path, monkeypatch):
     "What a Space does: a fresh venv from requirements.txt and nothing else (6 GB, minutes), then app.py, no flags."
     venv = tmp_path / 'venv'
     t = time.perf_counter()
@@ -134,7 +124,8 @@ def test_a_venv_of_its_requirements_alone_serves_it(space, alone, tmp_path):
                                 'print(torch.__version__, u.find_spec("fastai") is not None, u.find_spec("arch"))'],
                                cwd=tmp_path, capture_output=True, text=True)
         assert probe.stdout.split()[1:] == ['True', 'None'], probe
-        startup, t_classify, t_gallery = serve_and_ask(space, alone, venv / 'bin/python', tmp_path / 'app.log')
+        startup, t_classify, t_gallery = serve_and_ask(space, alone, venv / 'bin/python', tmp_path / 'app.log',
+                                                       monkeypatch)
         size = sum(f.stat().st_size for f in venv.rglob('*') if f.is_file()) / 1e9
         print(f'\nfresh venv from the Space\'s requirements.txt: {t_install:.0f} s, {size:.1f} GB, torch '
               f'{probe.stdout.split()[0]}; app.py with no flags answered in {startup:.1f} s; first classify '
